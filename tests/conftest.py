@@ -1,0 +1,53 @@
+"""Shared, session-scoped fixtures: trained zoo bundles are built once and reused by every test.
+
+Tests must not mutate these bundles; copy one (``copy_bundle``) before writing versions to it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("REPAIR_TEST_THREADS", "2")))
+
+
+@pytest.fixture(scope="session")
+def zoo_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("zoo")
+
+
+def _zoo(cache: Path, name: str, **options) -> Path:
+    from offline.zoo import train_bundle
+
+    out = cache / name
+    if not (out / "CURRENT").exists():
+        train_bundle(out, progress=False, **options)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_vit_badnets(zoo_cache) -> Path:
+    """The issue's reference model: digits 16x16, ViT (embed 64, depth 3, patch 4), BadNets → 0."""
+    return _zoo(zoo_cache, "digits-vit-badnets", dataset="digits", arch="vit", defect="badnets",
+                target_class=0, seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_vit_blend(zoo_cache) -> Path:
+    return _zoo(zoo_cache, "digits-vit-blend", dataset="digits", arch="vit", defect="blend",
+                visibility=0.5, target_class=0, seed=0)
+
+
+@pytest.fixture
+def copy_bundle(tmp_path):
+    """Copy a shared bundle into this test's tmp dir so the test may write versions."""
+    def copy(src: Path) -> Path:
+        dst = tmp_path / src.name
+        shutil.copytree(src, dst)
+        for p in dst.rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        return dst
+    return copy
