@@ -24,6 +24,11 @@ class Feature:
     mean: float = 0.0
     std: float = 1.0
     categories: list[str] = field(default_factory=list)
+    # numeric: "log1p" compresses heavy tails (capital gain/loss) before standardising
+    transform: str = "none"
+    # categorical built from a number (e.g. a protected age): ascending edges; a numeric value v
+    # falls in bucket ``sum(v >= e for e in bins)`` and the category is that bucket's label
+    bins: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -73,13 +78,38 @@ class TabularSchema:
                     raise RecordError(f"feature {feature.name!r} must be a number, got {value!r}") from None
             if not math.isfinite(value):
                 raise RecordError(f"feature {feature.name!r} must be finite, got {value!r}")
-            return (float(value) - feature.mean) / (feature.std or 1.0)
+            value = float(value)
+            if feature.transform == "log1p":
+                if value <= -1:
+                    raise RecordError(f"feature {feature.name!r} must be > -1, got {value!r}")
+                value = math.log1p(value)
+            return (value - feature.mean) / (feature.std or 1.0)
+        if feature.bins and isinstance(value, str) and value not in feature.categories:
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if feature.bins and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise RecordError(f"feature {feature.name!r} must be finite, got {value!r}")
+            return float(sum(value >= e for e in feature.bins))
         value = str(value)
         try:
             return float(feature.categories.index(value))
         except ValueError:
             shown = ", ".join(feature.categories[:20])
             raise RecordError(f"feature {feature.name!r}: unknown category {value!r}; known: {shown}") from None
+
+    def protected_values(self, name: str) -> list[float]:
+        """Encoded values a protected attribute can take (UF enumerates them, AtPatch Eq. 4).
+
+        Protected attributes are categorical (a protected age is bucketed, see ``bins``), so the
+        values are the category ids.
+        """
+        f = self.feature(name)
+        if f.kind != "categorical":
+            raise ValueError(f"protected attribute {name!r} must be categorical (bucket it)")
+        return [float(i) for i in range(len(f.categories))]
 
     def encode(self, records: list[dict]) -> torch.Tensor:
         """Encode records into a ``(B, F)`` float tensor; raises :class:`RecordError`."""
@@ -100,5 +130,9 @@ class TabularSchema:
         """The record a row encodes (numeric values de-standardised)."""
         out = {}
         for f, v in zip(self.features, row.tolist()):
-            out[f.name] = v * (f.std or 1.0) + f.mean if f.kind == "numeric" else f.categories[int(v)]
+            if f.kind == "numeric":
+                v = v * (f.std or 1.0) + f.mean
+                out[f.name] = math.expm1(v) if f.transform == "log1p" else v
+            else:
+                out[f.name] = f.categories[int(v)]
         return out

@@ -41,6 +41,20 @@ def digits_vit_blend(zoo_cache) -> Path:
                 visibility=0.5, target_class=0, seed=0)
 
 
+@pytest.fixture(scope="session")
+def adult_ft(zoo_cache) -> Path:
+    """Adult FT-Transformer (d 64, 3 blocks), naturally trained on 4000 rows for 3 epochs, UF
+    measured on the first 2000 test rows (manifest metrics.uf: race, sex, age)."""
+    return _zoo(zoo_cache, "adult-ft", dataset="adult", arch="ft-transformer", epochs=3,
+                max_train=4000, max_test=2000, seed=0)
+
+
+@pytest.fixture(scope="session")
+def compas_ft(zoo_cache) -> Path:
+    """COMPAS FT-Transformer, naturally trained (4937 rows, 6 epochs); protected race, sex."""
+    return _zoo(zoo_cache, "compas-ft", dataset="compas", arch="ft-transformer", epochs=6, seed=0)
+
+
 @pytest.fixture
 def copy_bundle(tmp_path):
     """Copy a shared bundle into this test's tmp dir so the test may write versions."""

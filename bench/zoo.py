@@ -1,0 +1,102 @@
+"""Zoo benchmark: Fashion-MNIST ViT backdoors (BadNets, Trojan, Hidden) and the tabular
+FT-Transformers (Adult, COMPAS): clean accuracy, ASR / UF and training time on this machine.
+
+    .venv/bin/python bench/zoo.py --part fashion --out-dir /work/zoo-runs
+    .venv/bin/python bench/zoo.py --part tabular --out-dir /work/zoo-runs
+
+Each part merges its rows into ``bench/results/zoo.json`` and rewrites ``zoo.md``; the trained
+bundles stay in ``--out-dir`` (outside the repository) for reuse by the repair benchmarks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from offline.zoo import train_bundle  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+# The smallest ViT found to reach the floors in the time we had: 16 tokens of 7x7 pixels.
+FASHION_ARCH = dict(patch_size=7, embed_dim=96, depth=4, num_heads=4, mlp_ratio=2.0)
+FASHION = dict(max_train=30000, epochs=8, batch_size=128, lr=2e-3, poison_rate=0.1, target_class=0)
+RUNS = {
+    "fashion": [("fashion-vit-badnets", dict(dataset="fashion-mnist", arch="vit", defect="badnets")),
+                ("fashion-vit-hidden", dict(dataset="fashion-mnist", arch="vit", defect="hidden")),
+                ("fashion-vit-trojan", dict(dataset="fashion-mnist", arch="vit", defect="trojan"))],
+    "tabular": [("adult-ft", dict(dataset="adult", arch="ft-transformer")),
+                ("compas-ft", dict(dataset="compas", arch="ft-transformer"))],
+}
+FLOORS = {"fashion": {"accuracy": 0.85, "asr": 0.95}, "adult": {"accuracy": 0.84},
+          "compas": {"accuracy": 0.66}}
+
+
+def run(part: str, out_dir: Path, threads: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    rows = []
+    for name, options in RUNS[part]:
+        if part == "fashion":
+            options = {**options, **FASHION, "arch_options": FASHION_ARCH}
+        out = out_dir / name
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.perf_counter()
+        version = train_bundle(out, seed=0, progress=False, **options)
+        m = version.manifest
+        floors = FLOORS["fashion" if part == "fashion" else options["dataset"]]
+        row = {"name": name, "bundle": str(out), "dataset": options["dataset"],
+               "defect": m["defect"]["type"], "architecture": m["architecture"],
+               "train_rows": m["dataset"]["train_rows"], "epochs": m["provenance"]["epochs"],
+               "metrics": m["metrics"], "train_seconds": m["provenance"]["train_seconds"],
+               "total_seconds": round(time.perf_counter() - started, 1),
+               "meets_floors": all(m["metrics"][k] >= v for k, v in floors.items()),
+               "floors": floors}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def write(rows: list[dict], command: str, threads: int) -> None:
+    path = RESULTS / "zoo.json"
+    old = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+    names = {r["name"] for r in rows}
+    runs = [r for r in old["runs"] if r["name"] not in names] + rows
+    commands = {**old.get("commands", {}), **{r["name"]: command for r in rows}}
+    result = {"machine": f"{platform.machine()}, {threads} torch thread(s), CPU shared with other jobs",
+              "torch": torch.__version__, "commands": commands, "runs": runs}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    lines = ["# Zoo benchmark", "", f"Machine: {result['machine']}; torch {result['torch']}.", "",
+             "| model | train rows | epochs | accuracy | ASR | UF | train s | floors met |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        m = r["metrics"]
+        uf = ", ".join(f"{k} {v:.3f}" for k, v in m.get("uf", {}).items()) or "-"
+        asr = f"{m['asr']:.3f}" if "asr" in m else "-"
+        lines.append(f"| {r['name']} | {r['train_rows']} | {r['epochs']} | {m['accuracy']:.4f} | {asr} "
+                     f"| {uf} | {r['train_seconds']} | {'yes' if r['meets_floors'] else 'NO'} |")
+    lines += ["", "Commands:", ""] + [f"- `{n}`: `{c}`" for n, c in commands.items()]
+    lines += ["", "Bundles (outside the repository, for reuse): " +
+              ", ".join(f"`{r['bundle']}`" for r in runs)]
+    (RESULTS / "zoo.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=sorted(RUNS), required=True)
+    p.add_argument("--out-dir", default="/work/zoo-runs")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    rows = run(a.part, Path(a.out_dir), a.threads)
+    write(rows, "python " + " ".join(sys.argv), a.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The embedded demo: a small backdoored digits ViT bundle, built once and cached.
+
+``repair-proxy demo`` serves :func:`demo_bundle`. The bundle lives under
+``$REPAIR_PROXY_HOME/demo`` (default ``~/.cache/repair-proxy/demo``); a second call returns the
+cached bundle without training. The build goes to a temp directory first and is renamed into
+place, so an interrupted build never leaves a half-made demo behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from repair.bundle import Bundle
+
+# The issue's reference model: digits 16x16, ViT (embed 64, depth 3, patch 4), BadNets -> class 0.
+DEMO_OPTIONS = dict(dataset="digits", arch="vit", defect="badnets", target_class=0, seed=0)
+
+
+def demo_home() -> Path:
+    home = os.environ.get("REPAIR_PROXY_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "repair-proxy"
+
+
+def demo_bundle(progress: bool = True) -> Path:
+    """Path of the demo bundle, training it on first use (~20 s on 2 CPU threads)."""
+    target = demo_home() / "demo"
+    if Bundle(target).exists():
+        return target
+    from offline.zoo import train_bundle
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".demo-{uuid.uuid4().hex}"
+    try:
+        train_bundle(staging, progress=progress, **DEMO_OPTIONS)
+        # --- AtPatch detector build (the lead integrates it here) --------------------------
+        # When offline.atpatch_build exists, build the detector on `staging` before the rename,
+        # e.g. `build_detector(staging, protected=[], epochs=..., threshold=...)`, so the demo
+        # is served with AtPatch on from its first request.
+        # -------------------------------------------------------------------------------------
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not Bundle(target).exists():  # another process won the race: use theirs
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,179 @@
+"""The Detector (AtPatch §3.3): per-column anomaly probabilities of one attention map.
+
+Eq. 5: the map is averaged over heads; Eq. 6: a CNN reads the ``Nq x N`` map, its features are
+pooled over the query rows (max and mean), and a per-column MLP gives one logit per column
+(``σ`` of it is ``P_anomaly``). One Detector serves every layer: a learned layer embedding and a
+column (token) embedding are added to the MLP's hidden layer. Pooling over rows makes it accept
+any number of query rows (the FT-Transformer's last layer has one). ``features`` is ``f_θ`` of
+Eq. 8; ``train_detector`` minimises Eq. 7 (BCE + λ·contrastive) with AdamW.
+
+Hyper-parameters live in the manifest (``config()``), tensors in ``detector.safetensors``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DetectorError(ValueError):
+    """A Detector that does not fit the model (layers, sequence length) or a malformed one."""
+
+
+class Detector(nn.Module):
+    def __init__(self, n_layers: int, seq_len: int, channels: int = 16, hidden: int = 32):
+        super().__init__()
+        self.n_layers, self.seq_len, self.channels, self.hidden = n_layers, seq_len, channels, hidden
+        self.conv = nn.Conv2d(1, channels, 3, padding=1)
+        self.mix = nn.Conv1d(2 * channels, hidden, 1)
+        self.layer_emb = nn.Parameter(torch.zeros(n_layers, hidden, 1))
+        self.column_emb = nn.Parameter(torch.zeros(hidden, seq_len))
+        self.out = nn.Conv1d(hidden, 1, 1)
+        self._fast: dict | None = None
+
+    def config(self) -> dict:
+        return {"n_layers": self.n_layers, "seq_len": self.seq_len, "channels": self.channels,
+                "hidden": self.hidden}
+
+    @classmethod
+    def from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "Detector":
+        try:
+            det = cls(int(config["n_layers"]), int(config["seq_len"]), int(config["channels"]),
+                      int(config["hidden"]))
+            det.load_state_dict(state, strict=True)
+        except (KeyError, RuntimeError, TypeError) as err:
+            raise DetectorError(f"detector does not match its manifest config {config}: {err}") from err
+        return det
+
+    def _head(self, z: torch.Tensor, layer: int) -> torch.Tensor:
+        """CNN features ``(B, C, Nq, N)`` → per-column hidden features ``(B, hidden, N)``."""
+        z = F.relu(z)
+        pooled = torch.cat([z.amax(2), z.mean(2)], 1)
+        return F.relu(self.mix(pooled) + self.layer_emb[layer] + self.column_emb)
+
+    def features(self, a: torch.Tensor, layer: int) -> torch.Tensor:
+        """``f_θ``: head-averaged maps ``(B, Nq, N)`` → ``(B, hidden, N)``. Scaled by ``N`` so uniform is 1."""
+        return self._head(self.conv(a.unsqueeze(1) * a.shape[-1]), layer)
+
+    def forward(self, a: torch.Tensor, layer: int) -> torch.Tensor:
+        """Eq. 6 before σ: logits ``(B, N)`` of head-averaged maps ``(B, Nq, N)``."""
+        return self.out(self.features(a, layer)).squeeze(1)
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    def prepare(self, num_heads: int) -> None:
+        """Fold Eq. 5's head average and the ``N`` scaling into the first conv (one op per layer)."""
+        n = self.seq_len
+        w = self.conv.weight.detach() * (n / num_heads)
+        self._fast = {"weight": w.repeat(1, num_heads, 1, 1), "bias": self.conv.bias.detach(),
+                      "hidden_bias": [(self.layer_emb[l] + self.column_emb).detach()
+                                      for l in range(self.n_layers)]}
+
+    def logits_from_heads(self, attn: torch.Tensor, layer: int) -> torch.Tensor:
+        """Logits ``(B, N)`` straight from the per-head map ``(B, H, Nq, N)`` (after ``prepare``)."""
+        f = self._fast
+        z = F.relu(F.conv2d(attn, f["weight"], f["bias"], padding=1))
+        pooled = torch.cat([z.amax(2), z.mean(2)], 1)
+        h = F.relu(F.conv1d(pooled, self.mix.weight, self.mix.bias) + f["hidden_bias"][layer])
+        return F.conv1d(h, self.out.weight, self.out.bias).squeeze(1)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving the module re-derives the folded weights on the new device.
+        out = super()._apply(fn, *args, **kwargs)
+        if self._fast is not None:
+            self.prepare(self._fast["weight"].shape[1])
+        return out
+
+
+def logit_threshold(tau: float) -> float:
+    """``σ(z) > τ`` ⇔ ``z > log(τ / (1 - τ))`` (Eq. 9 without computing σ on the hot path)."""
+    if not 0 < tau < 1:
+        raise DetectorError(f"threshold τ must be in (0, 1), got {tau}")
+    return math.log(tau / (1 - tau))
+
+
+def contrastive_loss(feats: torch.Tensor, labels: torch.Tensor, pos_index: torch.Tensor,
+                     temperature: float = 0.5) -> torch.Tensor:
+    """Eq. 8 as an InfoNCE term over columns: ``-log exp(s⁺)/(exp(s⁺) + Σ exp(s⁻))``, s = cosine.
+
+    ``feats`` ``(M, d)``, ``labels`` ``(M,)`` (1 anomalous), ``pos_index`` ``(M,)``: each column's
+    positive counterpart (same label: the same column of the paired map, or another anomalous
+    column); negatives are all columns of the opposite label in the batch. The paper leaves the
+    temperature open; 0.5 keeps cosine logits from being too flat.
+    """
+    z = F.normalize(feats, dim=-1)
+    sim = z @ z.t() / temperature
+    pos = sim.gather(1, pos_index[:, None]).squeeze(1)
+    neg_mask = labels[:, None] != labels[None, :]
+    has_neg = neg_mask.any(1)
+    if not has_neg.any():
+        return feats.new_zeros(())
+    neg = torch.where(neg_mask, sim, torch.full_like(sim, -torch.inf))
+    denom = torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1)
+    return (denom - pos)[has_neg].mean()
+
+
+def _positives(labels: torch.Tensor, partner: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each column's positive: its paired map's same column if that has the same label, else a
+    random other column of the same label in the batch."""
+    pos = partner.clone()
+    bad = labels[partner] != labels
+    for v in (0.0, 1.0):
+        idx = (labels == v).nonzero().flatten()
+        if len(idx) == 0:
+            continue
+        perm = idx[torch.randperm(len(idx), generator=g)]
+        ring = torch.empty(len(labels), dtype=torch.long)
+        ring[perm] = perm.roll(-1)
+        sel = bad & (labels == v)
+        pos[sel] = ring[sel]
+    return pos
+
+
+def train_detector(maps: list[torch.Tensor], labels: list[torch.Tensor], partner: torch.Tensor,
+                   epochs: int = 50, lr: float = 1e-4, lam: float = 1.0, batch_size: int = 32,
+                   seed: int = 0, progress: bool = True, channels: int = 16,
+                   hidden: int = 32) -> tuple[Detector, list[float]]:
+    """Train on the Debugging Set's maps (Eq. 7-8). Per layer ``l``: ``maps[l]`` ``(M, Nq, N)``
+    head-averaged, ``labels[l]`` ``(M, N)`` in {0, 1}; ``partner`` ``(M,)`` is each map's clean
+    or defective counterpart (the same sample set at every layer). Returns the Detector in eval
+    mode and the loss per epoch. Defaults are the paper's (§4.1.3): AdamW, lr 1e-4, 50 epochs, λ = 1.
+    """
+    from tqdm import tqdm
+
+    n_layers, m = len(maps), len(partner)
+    det = Detector(n_layers, maps[0].shape[-1], channels, hidden)
+    opt = torch.optim.AdamW(det.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    # Batches are built from map *pairs* so each holds both sides of a delta.
+    anchors = (partner >= torch.arange(m)).nonzero().flatten()
+    history = []
+    for _ in tqdm(range(epochs), desc="atpatch detector", disable=not progress):
+        total, steps = 0.0, 0
+        for layer in torch.randperm(n_layers, generator=g).tolist():
+            order = anchors[torch.randperm(len(anchors), generator=g)]
+            for i in range(0, len(order), batch_size):
+                first = order[i:i + batch_size]
+                idx = torch.cat([first, partner[first]])
+                local = torch.empty(m, dtype=torch.long)
+                local[idx] = torch.arange(len(idx))
+                a, y = maps[layer][idx], labels[layer][idx]
+                feats = det.features(a, layer)                       # (b, hidden, N)
+                logits = det.out(feats).squeeze(1)
+                bce = F.binary_cross_entropy_with_logits(logits, y)
+                n = a.shape[-1]
+                flat_y = y.flatten()
+                col = torch.arange(n).repeat(len(idx))
+                partner_flat = local[partner[idx]].repeat_interleave(n) * n + col
+                pos = _positives(flat_y, partner_flat, g)
+                flat_f = feats.transpose(1, 2).reshape(-1, feats.shape[1])
+                loss = bce + lam * contrastive_loss(flat_f, flat_y, pos)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, steps = total + loss.item(), steps + 1
+        history.append(total / max(steps, 1))
+    return det.eval(), history

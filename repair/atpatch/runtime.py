@@ -1,0 +1,113 @@
+"""AtPatch at inference (Algorithm 1, online phase, in ONE forward pass): the contract the server uses.
+
+At layer ``l`` the hook reads the map, the Detector flags columns (Eq. 6, 9), Γ (Eq. 11, or the
+masked variant chosen for the bundle's defect) patches the map in place, and the forward goes
+on, so layer ``l + 1`` already sees the patched state. Decisions are tensor ops: on a GPU nothing
+is read back per layer (``torch.where`` keeps unflagged samples bit-for-bit); on the CPU, where
+reading a flag is not a device sync, layers with nothing flagged skip Γ altogether.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from repair.atpatch import benign as benign_io
+from repair.atpatch.detector import Detector, DetectorError, logit_threshold
+from repair.atpatch.redistribution import VARIANTS, redistribute
+from repair.attention import AttentionAccess
+
+MODES = ("on", "off")
+# (layer, head-averaged? no: per-head map (B, H, Nq, N)) -> bool flags (B, N); replaces the Detector.
+Selector = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PatchResult:
+    logits: torch.Tensor    # (B, classes)
+    patched: torch.Tensor   # bool (B,): any column flagged in any layer
+    flagged: torch.Tensor   # bool (B, L, N): per layer, per token
+
+    def columns(self, i: int) -> list[tuple[int, int]]:
+        return [(int(l), int(t)) for l, t in self.flagged[i].nonzero().tolist()]
+
+
+class AtPatch:
+    def __init__(self, model: nn.Module, detector: Detector | None, benign: list[torch.Tensor],
+                 threshold: float = 0.1, variant: str = "replace", layers: list[int] | None = None,
+                 rescale: bool = True, selector: Selector | None = None):
+        if variant not in VARIANTS:
+            raise DetectorError(f"unknown redistribution variant {variant!r}; known: {', '.join(VARIANTS)}")
+        self.access = AttentionAccess.for_model(model)
+        n_layers, n = self.access.n_layers, self.access.seq_len
+        if detector is not None and (detector.n_layers != n_layers or detector.seq_len != n):
+            raise DetectorError(
+                f"the detector was trained for {detector.n_layers} layers x {detector.seq_len} tokens, "
+                f"but the model has {n_layers} layers x {n} tokens")
+        if len(benign) != n_layers or any(q.shape != (nq, n) for q, nq in zip(benign, self.access.query_lens)):
+            raise DetectorError(f"benign columns {[tuple(q.shape) for q in benign]} do not fit the "
+                                f"model's maps {[(nq, n) for nq in self.access.query_lens]}")
+        device = next(model.parameters()).device
+        self.model, self.threshold, self.variant, self.rescale = model, threshold, variant, rescale
+        self.selector = selector
+        self.detector = detector.to(device).eval() if detector is not None else None
+        if self.detector is not None:
+            self.detector.prepare(self.access.num_heads)
+        self._tau_logit = logit_threshold(threshold)
+        self.layers = sorted(set(range(n_layers) if layers is None else layers))
+        self._benign = [None if variant == "masked" else q.to(device) for q in benign]
+        self._on = False
+        self._flags: list[torch.Tensor | None] = []
+        self.access.install(self._hook)
+
+    # -- construction from a bundle version -----------------------------------------------------
+
+    @staticmethod
+    def available(version) -> bool:
+        return version.has("detector") and version.has("benign") and "atpatch" in version.manifest
+
+    @classmethod
+    def from_version(cls, version, model: nn.Module, threshold: float | None = None) -> "AtPatch":
+        if not cls.available(version):
+            raise DetectorError(f"version {version.id} has no AtPatch detector (run `repair-proxy atpatch build`)")
+        meta = version.manifest["atpatch"]
+        detector = Detector.from_config(meta["detector"], version.tensors("detector"))
+        benign = benign_io.from_tensors(version.tensors("benign"), int(meta["detector"]["n_layers"]))
+        variant = meta.get("variants", {}).get(meta.get("defect_kind", "backdoor"), "replace")
+        return cls(model, detector, benign, threshold=meta["threshold"] if threshold is None else threshold,
+                   variant=variant, layers=meta.get("layers"))
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    def _hook(self, layer: int, attn: torch.Tensor):
+        if not self._on or layer not in self.layers:
+            return None
+        if self.selector is not None:
+            flags = self.selector(layer, attn)
+        else:
+            flags = self.detector.logits_from_heads(attn, layer) > self._tau_logit
+        self._flags[layer] = flags
+        if attn.device.type == "cpu" and not bool(flags.any()):
+            return None  # a CPU read is no device sync: skip Γ when nothing is flagged
+        return redistribute(attn, flags, self._benign[layer], rescale=self.rescale)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, mode: str = "on") -> PatchResult:
+        if mode not in MODES:
+            raise ValueError(f"patch mode must be one of {', '.join(MODES)}, got {mode!r}")
+        n_layers, n = self.access.n_layers, self.access.seq_len
+        self._on = mode == "on"
+        self._flags = [None] * n_layers
+        try:
+            logits = self.model(x)
+        finally:
+            self._on = False
+        empty = torch.zeros(len(x), n, dtype=torch.bool, device=logits.device)
+        flagged = torch.stack([f if f is not None else empty for f in self._flags], 1)
+        self._flags = []
+        return PatchResult(logits, flagged.flatten(1).any(1), flagged)
+
+    def remove(self) -> None:
+        self.access.remove()

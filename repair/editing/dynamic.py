@@ -1,0 +1,97 @@
+"""Dynamic model rectification (paper §5.2, Algorithm 1) and the static variant (§6.1).
+
+Algorithm 1: with ``ε*`` the validation accuracy drop and ``δ*`` the prediction gap between the
+clean and corrupt inputs, while ``δ* > δ`` and ``ε* ≤ ε``: locate ``l = argmax Ĝ_l`` (§5.1),
+edit it with ``T`` optimisation steps (Eq. 1), re-evaluate ``ε*`` and ``δ*``; keep the round if
+``ε* ≤ ε``, otherwise roll it back and stop. *Static* rectifying edits one fixed layer, the last
+editable one (the usual choice of prior work), once, under the same budget.
+
+The gap ``δ*`` is the total-variation distance between the predictive distributions,
+``½‖softmax f(x) − softmax f(x̃)‖₁`` averaged over the pairs: it is 0 when the model treats
+the pair the same, 1 when they are confidently classified apart, and it covers both a flipped
+label (Trojans) and a changed confidence (spurious correlation, leakage).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from repair.editing.keystats import LayerStats
+from repair.editing.layers import EditableLayer
+from repair.editing.localization import locate
+from repair.editing.rank_one import RankOneEdit, rank_one_edit
+from repair.metrics import accuracy
+
+
+@torch.no_grad()
+def prediction_gap(model: nn.Module, clean: torch.Tensor, corrupt: torch.Tensor) -> float:
+    """``δ*``: mean total-variation distance between the pair's predictive distributions."""
+    p, q = model(clean).softmax(-1), model(corrupt).softmax(-1)
+    return float(0.5 * (p - q).abs().sum(-1).mean())
+
+
+@dataclass
+class RoundLog:
+    layer: str
+    accuracy_drop: float
+    gap: float
+    kept: bool
+    completeness_error: float | None = None
+    scores: dict[str, float] | None = None
+
+
+@dataclass
+class RectifyOutcome:
+    edits: list[RankOneEdit] = field(default_factory=list)
+    rounds: list[RoundLog] = field(default_factory=list)
+    accuracy_before: float = 0.0
+    accuracy_after: float = 0.0
+    gap_before: float = 0.0
+    gap_after: float = 0.0
+
+
+def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str, LayerStats],
+            clean: torch.Tensor, corrupt: torch.Tensor, labels: torch.Tensor,
+            val_x: torch.Tensor, val_y: torch.Tensor, budget: float = 0.01, gap: float = 1e-3,
+            epochs: int = 100, lr: float = 1e-2, max_rounds: int = 5, static: bool = False,
+            layer: str | None = None, progress: bool = True) -> RectifyOutcome:
+    """Algorithm 1 on ``model`` in place (or static / one named layer); returns what was kept."""
+    names = list(layers)
+    fixed = layer or (names[-1] if static else None)
+    rounds = 1 if static else max_rounds
+    out = RectifyOutcome()
+    out.accuracy_before = accuracy(model, val_x, val_y)                 # line 1: ε* = 0
+    out.gap_before = current_gap = prediction_gap(model, clean, corrupt)  # line 1: δ* = f(x) − f(x̃)
+    acc = out.accuracy_before
+    bar = tqdm(total=rounds, desc="rectify", disable=not progress, leave=False)
+    for _ in range(rounds):
+        if current_gap <= gap:                                           # line 2
+            break
+        where, found = fixed, None
+        if where is None:                                                # line 3: argmax Ĝ_l
+            found = locate(model, list(layers.values()), stats, clean, corrupt, labels)
+            where = found.ranking[0]
+        target = layers[where]
+        saved = target.module.weight.detach().clone()
+        edit = rank_one_edit(model, target, stats[where], clean, corrupt, steps=epochs, lr=lr)  # line 4
+        new_acc = accuracy(model, val_x, val_y)
+        drop = out.accuracy_before - new_acc                             # line 5
+        new_gap = prediction_gap(model, clean, corrupt)                  # line 6
+        kept = drop <= budget                                            # line 7
+        out.rounds.append(RoundLog(where, drop, new_gap, kept,
+                                   found.completeness_error if found else None,
+                                   found.scores if found else None))
+        bar.update(1)
+        bar.set_postfix(layer=where, gap=f"{new_gap:.4f}", drop=f"{drop:.4f}", refresh=False)
+        if not kept:                                                     # roll the round back
+            with torch.no_grad():
+                target.module.weight.copy_(saved)
+            break
+        out.edits.append(edit)                                           # line 8: f ← f*
+        acc, current_gap = new_acc, new_gap
+    bar.close()
+    out.accuracy_after, out.gap_after = acc, current_gap
+    return out

@@ -1,0 +1,84 @@
+"""The rank-one edit of paper Eq. 1 (§4.1): ``min_Λ ‖v* − f_l(k*; W')‖`` s.t. ``W' = W + Λ dᵀ``.
+
+Keys ``k*`` come from the corrupt input(s), values ``v*`` from the clean input(s) at the same
+positions (see :mod:`repair.editing.layers` for where the value is read). The direction is
+``d ∝ C⁻¹k*``; with several positions or pairs it is ``d = Z u`` where ``u`` is the top left
+singular vector of the whitened keys ``Z K*`` (Bau et al.'s multi-key rewrite; for one key
+``Z Z k* = C⁻¹k*``, the same thing). ``d`` is scaled so the keys' projections ``dᵀk*`` have unit
+RMS, which puts ``Λ`` in the value's units. Only ``Λ`` is optimised (Adam), so the update stays
+rank one by construction: the paper's periodic projection back onto the rank-one set (§10.3,
+"projection frequency 10") is then a no-op and is not needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from repair.editing.keystats import LayerStats
+from repair.editing.layers import EditableLayer, capture_inputs_outputs, rank_one_hook, value_at
+
+
+@dataclass
+class RankOneEdit:
+    layer: str
+    lam: torch.Tensor   # (m,)
+    d: torch.Tensor     # (n,)
+    loss_before: float
+    loss_after: float
+
+    def delta(self) -> torch.Tensor:
+        return torch.outer(self.lam, self.d)
+
+
+@torch.no_grad()
+def corrupt_keys(model: nn.Module, layer: EditableLayer, corrupt: torch.Tensor) -> torch.Tensor:
+    """``K*``: every position's key of every corrupt input, ``(B·P, n)``."""
+    with capture_inputs_outputs([layer]) as rec:
+        value_at(model, layer, corrupt)  # stops once the value module ran (after the layer)
+    return layer.keys(rec[layer.name][0]).reshape(-1, layer.key_dim)
+
+
+def edit_direction(stats: LayerStats, keys: torch.Tensor) -> torch.Tensor:
+    """``d = Z u`` with ``u`` the top singular direction of the whitened keys (∝ C⁻¹k* for one key)."""
+    zk = stats.whiten(keys.double()).float()                 # (P, n) rows are Z k_p
+    _, _, vh = torch.linalg.svd(zk, full_matrices=False)     # top right singular vector of rows
+    d = stats.whiten(vh[0].double()).float()
+    proj = keys @ d
+    if proj.mean() < 0:                                      # orient so that dᵀk* > 0 on average
+        d, proj = -d, -proj
+    return d / proj.pow(2).mean().sqrt().clamp_min(1e-12)
+
+
+def rank_one_edit(model: nn.Module, layer: EditableLayer, stats: LayerStats, clean: torch.Tensor,
+                  corrupt: torch.Tensor, steps: int = 100, lr: float = 1e-2,
+                  apply: bool = True) -> RankOneEdit:
+    """Eq. 1: find ``Λ`` so the corrupt keys yield the clean values; fold ``Λ dᵀ`` into ``W``."""
+    with torch.no_grad():
+        target = value_at(model, layer, clean).detach()
+    d = edit_direction(stats, corrupt_keys(model, layer, corrupt)).detach()
+    lam = torch.zeros(layer.value_dim, device=d.device, requires_grad=True)
+    opt = torch.optim.Adam([lam], lr=lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with rank_one_hook(layer, lam, d):
+            loss_before = None
+            for _ in range(steps):
+                loss = (value_at(model, layer, corrupt) - target).pow(2).mean()
+                if loss_before is None:
+                    loss_before = loss.detach()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                loss_after = (value_at(model, layer, corrupt) - target).pow(2).mean()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    lam = lam.detach()
+    if apply:
+        layer.add_rank_one(lam, d)
+    return RankOneEdit(layer.name, lam.cpu(), d.cpu(), float(loss_before), float(loss_after))

@@ -1,0 +1,65 @@
+"""Request and response bodies of the service's own endpoints (the v2 protocol has its own in
+:mod:`server.v2`). Validation failures become 422 ``{"error": ...}`` in :mod:`server.errors`."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PatchMode = Literal["on", "off", "shadow"]
+
+
+class PredictRequest(BaseModel):
+    """Exactly one of ``images`` (base64 PNG/JPEG) or ``records`` ({feature: value})."""
+
+    model_config = ConfigDict(extra="forbid")
+    images: list[str] | None = Field(default=None, min_length=1)
+    records: list[dict[str, Any]] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.images is None) == (self.records is None):
+            raise ValueError("send exactly one of 'images' (base64 PNG/JPEG) or 'records'")
+        return self
+
+
+class Shadow(BaseModel):
+    """What ``?patch=shadow`` would have answered with the patch applied."""
+
+    patched: bool
+    patched_columns: list[tuple[int, int]]
+    label: str
+    class_index: int
+    probabilities: list[float]
+    changed: bool
+
+
+class Prediction(BaseModel):
+    label: str
+    class_index: int
+    probabilities: list[float]
+    patched: bool
+    patched_columns: list[tuple[int, int]]
+    added_latency_ms: float
+    shadow: Shadow | None = None
+
+
+class PredictResponse(BaseModel):
+    model_version: str
+    predictions: list[Prediction]
+
+
+class RectifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    clean: str = Field(min_length=1, description="base64 PNG/JPEG of the clean input")
+    corrupt: str = Field(min_length=1, description="base64 PNG/JPEG of the corrupt input")
+    label: int | None = Field(default=None, ge=0)
+    budget: float = Field(default=0.01, gt=0, lt=1, description="ε: tolerated accuracy drop")
+    gap: float = Field(default=0.001, gt=0, lt=1, description="δ: target gap")
+    static: bool = False
+    layer: str | None = Field(default=None, max_length=200)
+
+
+class RectifyAccepted(BaseModel):
+    job_id: str
+    status_url: str
