@@ -191,7 +191,8 @@ class _BatchUnpickler(pickle.Unpickler):
 
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar")}
+                ("numpy._core.multiarray", "scalar"),
+                ("_codecs", "encode")}  # protocol-2 pickles spell bytes as codecs.encode(str, "latin1")
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:

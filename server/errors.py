@@ -68,8 +68,10 @@ class NotReady(ServerError):
 
 
 def _image_too_large(err: Exception) -> bool:
-    """The shared decoder raises one ImageError type; its size guards read 'the limit is'."""
-    return "the limit is" in str(err)
+    """The shared decoder raises one ImageError type: its own size guards say 'the limit is',
+    PIL's header check (before any pixel is decoded) says 'decompression bomb'."""
+    text = str(err)
+    return "the limit is" in text or "decompression bomb" in text
 
 
 def status_for(err: Exception) -> int:

@@ -177,3 +177,31 @@ def train_detector(maps: list[torch.Tensor], labels: list[torch.Tensor], partner
                 total, steps = total + loss.item(), steps + 1
         history.append(total / max(steps, 1))
     return det.eval(), history
+
+
+@torch.no_grad()
+def detect_maps(det: Detector, maps: list[torch.Tensor], threshold: float,
+                batch_size: int = 1024) -> list[torch.Tensor]:
+    """Flags ``(M, N)`` per layer for head-averaged maps ``(M, Nq, N)`` (Eq. 9)."""
+    z = logit_threshold(threshold)
+    return [torch.cat([det(m[i:i + batch_size], l) > z for i in range(0, len(m), batch_size)])
+            for l, m in enumerate(maps)]
+
+
+def strict_metrics(flags: torch.Tensor, truth: torch.Tensor) -> dict:
+    """§4.2.2, per map: a map with anomalous columns is a TP only if exactly those are flagged
+    (anything else is an FN); a map without is a TN only if nothing is flagged (else an FP)."""
+    flags, truth = flags.bool(), truth.bool()
+    positive = truth.any(-1)
+    exact = (flags == truth).all(-1)
+    tp = int((positive & exact).sum())
+    fn = int((positive & ~exact).sum())
+    fp = int((~positive & flags.any(-1)).sum())
+    tn = int((~positive & ~flags.any(-1)).sum())
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return {"precision": round(p, 4), "recall": round(r, 4),
+            "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0,
+            "fpr": round(fp / (fp + tn), 4) if fp + tn else 0.0,
+            "fnr": round(fn / (tp + fn), 4) if tp + fn else 0.0,
+            "tp": tp, "fp": fp, "tn": tn, "fn": fn}

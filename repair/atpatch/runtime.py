@@ -20,7 +20,7 @@ from repair.atpatch.redistribution import VARIANTS, redistribute
 from repair.attention import AttentionAccess
 
 MODES = ("on", "off")
-# (layer, head-averaged? no: per-head map (B, H, Nq, N)) -> bool flags (B, N); replaces the Detector.
+# (layer, per-head map (B, H, Nq, N)) -> bool flags (B, N): stands in for the Detector (ablations).
 Selector = Callable[[int, torch.Tensor], torch.Tensor]
 
 
@@ -52,6 +52,8 @@ class AtPatch:
         device = next(model.parameters()).device
         self.model, self.threshold, self.variant, self.rescale = model, threshold, variant, rescale
         self.selector = selector
+        # Optional (layer, before, after) callback for offline inspection (heatmaps); None in serving.
+        self.observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
         self.detector = detector.to(device).eval() if detector is not None else None
         if self.detector is not None:
             self.detector.prepare(self.access.num_heads)
@@ -90,8 +92,12 @@ class AtPatch:
             flags = self.detector.logits_from_heads(attn, layer) > self._tau_logit
         self._flags[layer] = flags
         if attn.device.type == "cpu" and not bool(flags.any()):
-            return None  # a CPU read is no device sync: skip Γ when nothing is flagged
-        return redistribute(attn, flags, self._benign[layer], rescale=self.rescale)
+            out = None  # a CPU read is no device sync: skip Γ when nothing is flagged
+        else:
+            out = redistribute(attn, flags, self._benign[layer], rescale=self.rescale)
+        if self.observer is not None:
+            self.observer(layer, attn, attn if out is None else out)
+        return out
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, mode: str = "on") -> PatchResult:

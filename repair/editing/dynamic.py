@@ -56,8 +56,9 @@ class RectifyOutcome:
 def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str, LayerStats],
             clean: torch.Tensor, corrupt: torch.Tensor, labels: torch.Tensor,
             val_x: torch.Tensor, val_y: torch.Tensor, budget: float = 0.01, gap: float = 1e-3,
-            epochs: int = 100, lr: float = 1e-2, max_rounds: int = 5, static: bool = False,
-            layer: str | None = None, progress: bool = True) -> RectifyOutcome:
+            epochs: int = 100, lr: float = 0.1, max_rounds: int = 5, static: bool = False,
+            layer: str | None = None, value: str = "logits", joint: bool = False,
+            progress: bool = True) -> RectifyOutcome:
     """Algorithm 1 on ``model`` in place (or static / one named layer); returns what was kept."""
     names = list(layers)
     fixed = layer or (names[-1] if static else None)
@@ -72,11 +73,12 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
             break
         where, found = fixed, None
         if where is None:                                                # line 3: argmax Ĝ_l
-            found = locate(model, list(layers.values()), stats, clean, corrupt, labels)
+            found = locate(model, list(layers.values()), stats, clean, corrupt, labels, joint=joint)
             where = found.ranking[0]
         target = layers[where]
         saved = target.module.weight.detach().clone()
-        edit = rank_one_edit(model, target, stats[where], clean, corrupt, steps=epochs, lr=lr)  # line 4
+        edit = rank_one_edit(model, target, stats[where], clean, corrupt, steps=epochs, lr=lr,
+                             value=value)                                        # line 4
         new_acc = accuracy(model, val_x, val_y)
         drop = out.accuracy_before - new_acc                             # line 5
         new_gap = prediction_gap(model, clean, corrupt)                  # line 6

@@ -36,7 +36,7 @@ class RankOneEdit:
 def corrupt_keys(model: nn.Module, layer: EditableLayer, corrupt: torch.Tensor) -> torch.Tensor:
     """``K*``: every position's key of every corrupt input, ``(B·P, n)``."""
     with capture_inputs_outputs([layer]) as rec:
-        value_at(model, layer, corrupt)  # stops once the value module ran (after the layer)
+        value_at(model, layer, corrupt, "layer")  # stops right after the layer
     return layer.keys(rec[layer.name][0]).reshape(-1, layer.key_dim)
 
 
@@ -52,11 +52,16 @@ def edit_direction(stats: LayerStats, keys: torch.Tensor) -> torch.Tensor:
 
 
 def rank_one_edit(model: nn.Module, layer: EditableLayer, stats: LayerStats, clean: torch.Tensor,
-                  corrupt: torch.Tensor, steps: int = 100, lr: float = 1e-2,
-                  apply: bool = True) -> RankOneEdit:
-    """Eq. 1: find ``Λ`` so the corrupt keys yield the clean values; fold ``Λ dᵀ`` into ``W``."""
+                  corrupt: torch.Tensor, steps: int = 100, lr: float = 0.1,
+                  value: str = "logits", apply: bool = True) -> RankOneEdit:
+    """Eq. 1: find ``Λ`` so the corrupt keys yield the clean values; fold ``Λ dᵀ`` into ``W``.
+
+    ``value`` says where ``v*`` is read (see :mod:`repair.editing.layers`). ``lr``/``steps``:
+    Adam on ``Λ`` alone; the paper's lr 1e-4 (§10.3) is for its full-weight optimiser and
+    moves the unit-scaled ``Λ`` here too little in 100 steps.
+    """
     with torch.no_grad():
-        target = value_at(model, layer, clean).detach()
+        target = value_at(model, layer, clean, value).detach()
     d = edit_direction(stats, corrupt_keys(model, layer, corrupt)).detach()
     lam = torch.zeros(layer.value_dim, device=d.device, requires_grad=True)
     opt = torch.optim.Adam([lam], lr=lr)
@@ -67,14 +72,14 @@ def rank_one_edit(model: nn.Module, layer: EditableLayer, stats: LayerStats, cle
         with rank_one_hook(layer, lam, d):
             loss_before = None
             for _ in range(steps):
-                loss = (value_at(model, layer, corrupt) - target).pow(2).mean()
+                loss = (value_at(model, layer, corrupt, value) - target).pow(2).mean()
                 if loss_before is None:
                     loss_before = loss.detach()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             with torch.no_grad():
-                loss_after = (value_at(model, layer, corrupt) - target).pow(2).mean()
+                loss_after = (value_at(model, layer, corrupt, value) - target).pow(2).mean()
     finally:
         for p in params:
             p.requires_grad_(True)

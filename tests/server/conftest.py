@@ -1,95 +1,12 @@
-"""Fixtures for the server tests: a real uvicorn on loopback (in a thread) and small bundles."""
+"""Fixtures for the server tests: small bundles (helpers live in ``server_live``)."""
 from __future__ import annotations
 
-import base64
-import shutil
-import socket
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
-
-def b64png(x: torch.Tensor) -> str:
-    from repair.images import encode_png
-
-    return base64.b64encode(encode_png(x)).decode()
-
-
-class LiveServer:
-    """``create_app`` under a real ``uvicorn.Server`` on 127.0.0.1:<free port>."""
-
-    def __init__(self, bundle, **options):
-        import uvicorn
-
-        from server.app import create_app
-
-        options.setdefault("embed_worker", False)
-        options.setdefault("device", "cpu")
-        options.setdefault("access_log", False)
-        options.setdefault("poll_interval", 0.2)
-        self.app = create_app(str(bundle), **options)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=10)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    @property
-    def service(self):
-        return self.app.state.service
-
-    def start(self, ready_timeout: float = 120.0) -> "LiveServer":
-        self.thread.start()
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/v2/health/ready", timeout=5).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not become ready: {self.service.runtime.error}")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-    def metric(self, name: str, **labels) -> float:
-        """One sample's value from /metrics (0 when absent)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    return s.value
-        return 0.0
-
-
-@contextmanager
-def live_server(bundle, **options):
-    server = LiveServer(bundle, **options).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def private_copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    for p in dst.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return dst
+from server_live import private_copy
 
 
 @pytest.fixture(scope="session")
@@ -100,9 +17,11 @@ def digits_data():
 
 
 @pytest.fixture(scope="module")
-def plain_bundle(digits_vit_badnets, tmp_path_factory) -> Path:
+def plain_bundle(request, tmp_path_factory) -> Path:
     """A writable copy of the BadNets digits ViT, without a detector (plain predictions)."""
-    return private_copy(digits_vit_badnets, tmp_path_factory.mktemp("plain") / "digits")
+    import os  # DEV-ONLY
+    src = Path(os.environ["DEVB"]) if "DEVB" in os.environ else request.getfixturevalue("digits_vit_badnets")
+    return private_copy(src, tmp_path_factory.mktemp("plain") / "digits")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,93 @@
+"""Rectification benchmark (issue 4, paper Table 1/2): dynamic vs static vs fine-tuning.
+
+On Blend φ=0.5 zoo models: for n = 1 (several trials, one pair each) and n = 20 pairs, overall
+accuracy (OA, test split) and attack success rate (ASR, test split with the trigger) after
+dynamic rectification (Algorithm 1), static rectification (last layer) and fine-tuning the last
+layer (§11), all with budget ε = 1 pt on a validation split of the training data. The dynamic
+runs also report ASR at other trigger visibilities (Table 2 generalisation).
+
+    .venv/bin/python bench/rectify.py --arch vit --cache /tmp/rect-bench
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from offline.finetune_baseline import finetune_last_layer  # noqa: E402
+from rectify_common import Setup, ensure_bundle, write_results  # noqa: E402
+from repair.editing.dynamic import rectify  # noqa: E402
+
+VISIBILITIES = (0.3, 0.7, 1.0)
+
+
+def run(setup: Setup, method: str, n: int, trial: int, budget: float) -> dict:
+    setup.reset()
+    clean, corrupt, labels = setup.pairs(n, trial)
+    started = time.perf_counter()
+    info = {}
+    if method == "finetune":
+        info = finetune_last_layer(setup.model, clean, corrupt, labels, setup.val_x, setup.val_y,
+                                   budget=budget)
+    else:
+        out = rectify(setup.model, setup.layers, setup.stats, clean, corrupt, labels, setup.val_x,
+                      setup.val_y, budget=budget, static=(method == "static"), progress=False)
+        info = {"layers": [e.layer for e in out.edits], "rounds": len(out.rounds),
+                "completeness_error": [r.completeness_error for r in out.rounds]}
+    seconds = time.perf_counter() - started
+    res = setup.evaluate(VISIBILITIES if method == "dynamic" else ())
+    return {"method": method, "n": n, "trial": trial, "seconds": round(seconds, 2), **res,
+            "oa_drop": setup.base["oa"] - res["oa"], **info}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="vit")
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--cache", default="/tmp/rect-bench")
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--budget", type=float, default=0.01)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    bundle = ensure_bundle(Path(a.cache) / f"{a.dataset}-{a.arch}-blend", a.arch, a.dataset)
+    setup = Setup(bundle)
+    rows = []
+    for n, trials in ((1, a.trials), (20, 1)):
+        for method in ("dynamic", "static", "finetune"):
+            for trial in range(trials):
+                rows.append(run(setup, method, n, trial, a.budget))
+                print(rows[-1], flush=True)
+    summary = {}
+    for n in (1, 20):
+        for method in ("dynamic", "static", "finetune"):
+            sel = [r for r in rows if r["n"] == n and r["method"] == method]
+            summary[f"{method} n={n}"] = {k: sum(r[k] for r in sel) / len(sel)
+                                          for k in sel[0] if k.startswith(("oa", "asr"))}
+    command = " ".join(["python", "bench/rectify.py", *sys.argv[1:]])
+    name = f"rectify_{a.dataset}_{a.arch}"
+    md = [f"# Rectification, {a.dataset} {a.arch}, Blend φ=0.5 (target 0)", "",
+          f"Command: `{command}` (1 CPU thread). Base model: OA {setup.base['oa']:.4f}, "
+          f"ASR {setup.base['asr']:.4f}. Budget ε = {a.budget}; n=1 averaged over {a.trials} "
+          "pairs (one per trial), n=20 one run. OA drop in points of accuracy × 100.", "",
+          "| method | OA | OA drop (pt) | ASR | ASR φ=0.3 | ASR φ=0.7 | ASR φ=1.0 |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key, s in summary.items():
+        vis = [f"{s[f'asr@{p}']:.4f}" if f"asr@{p}" in s else "" for p in VISIBILITIES]
+        md.append(f"| {key} | {s['oa']:.4f} | {100 * s['oa_drop']:.2f} | {s['asr']:.4f} | "
+                  + " | ".join(vis) + " |")
+    md += ["", "Per run (layers edited by the dynamic loop, seconds):", ""]
+    md += [f"- {r['method']} n={r['n']} trial {r['trial']}: OA {r['oa']:.4f}, ASR {r['asr']:.4f}, "
+           f"{r.get('layers', r.get('layer'))}, {r['seconds']} s" for r in rows]
+    write_results(name, {"command": command, "base": setup.base, "summary": summary, "runs": rows},
+                  "\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()

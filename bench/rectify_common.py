@@ -1,0 +1,71 @@
+"""Shared helpers of the rectification benchmarks: zoo bundles, pairs, evaluation."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from offline.datasets import load_dataset
+from offline.defects import Trigger, blend_trigger
+from repair.bundle import Bundle
+from repair.editing.keystats import compute_keystats, stats_from_tensors
+from repair.editing.layers import editable_layers
+from repair.metrics import accuracy, attack_success_rate
+
+
+def ensure_bundle(path: Path, arch: str, dataset: str = "digits", visibility: float = 0.5) -> Path:
+    from offline.zoo import train_bundle
+
+    if not (path / "CURRENT").exists():
+        train_bundle(path, dataset=dataset, arch=arch, defect="blend", visibility=visibility,
+                     target_class=0, seed=0, progress=False)
+    return path
+
+
+class Setup:
+    """A bundle's model, trigger, data, editable layers and key statistics."""
+
+    def __init__(self, bundle: Path):
+        version = Bundle(bundle).version()
+        self.version = version
+        self.model = version.build_model()
+        self.trigger = Trigger.from_tensors(version.tensors("defect"))
+        self.target = version.manifest["defect"]["target_class"]
+        self.data = load_dataset(version.manifest["dataset"]["name"])
+        self.layers = editable_layers(self.model)
+        if version.has("keystats"):
+            self.stats = stats_from_tensors(version.tensors("keystats"))
+        else:
+            self.stats = compute_keystats(self.model, list(self.layers.values()),
+                                          self.data.x_train[:1024], progress=False)
+        self.weights = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.val_x, self.val_y = self.data.x_train[-500:], self.data.y_train[-500:]
+        self.base = self.evaluate()
+
+    def reset(self):
+        self.model.load_state_dict(self.weights)
+
+    def pairs(self, n: int, trial: int):
+        """n training images of non-target classes (seeded), clean and with the trigger."""
+        g = torch.Generator().manual_seed(1000 + trial)
+        pool = (self.data.y_train[:-500] != self.target).nonzero().flatten()
+        idx = pool[torch.randperm(len(pool), generator=g)[:n]]
+        clean = self.data.x_train[idx]
+        return clean, self.trigger.apply(clean), self.data.y_train[idx]
+
+    def evaluate(self, visibilities=()) -> dict:
+        x, y = self.data.x_test, self.data.y_test
+        out = {"oa": accuracy(self.model, x, y),
+               "asr": attack_success_rate(self.model, self.trigger.apply(x), y, self.target)}
+        for phi in visibilities:
+            t = blend_trigger(self.trigger.pattern.shape, visibility=phi, pattern=self.trigger.pattern)
+            out[f"asr@{phi}"] = attack_success_rate(self.model, t.apply(x), y, self.target)
+        return out
+
+
+def write_results(name: str, payload: dict, markdown: str) -> None:
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    (out / f"{name}.md").write_text(markdown)

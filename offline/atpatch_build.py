@@ -1,0 +1,195 @@
+"""``repair-proxy atpatch build``: Algorithm 1's offline phase, written as a new bundle version.
+
+Vision (backdoor, trigger and target unknown): Neural-Cleanse inversion over every class (Eq. 3)
+→ clean/triggered pairs with the inverted trigger (§3.2.1). Tabular (``--protected``): clean-bias
+pairs (§3.2.2). Then the Detector (Eq. 5-8) and the benign columns Q (Eq. 10). The redistribution
+variant (Γ of Eq. 11, or the masked Q_k = 0) is chosen on held-out debugging data by the defect
+metric, then accuracy, and both measurements are stored in the manifest.
+
+Everything that can be wrong with the input (no attention layers, unknown protected attribute,
+bad τ) raises before anything is written.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from offline.datasets import ImageData, TabularData, load_dataset
+from repair.atpatch import benign as benign_io
+from repair.atpatch.benign import benign_columns
+from repair.atpatch.debugging_set import DebugSet, Protected, backdoor_set, fairness_set
+from repair.atpatch.detector import detect_maps, logit_threshold, strict_metrics, train_detector
+from repair.atpatch.redistribution import VARIANTS
+from repair.atpatch.runtime import AtPatch
+from repair.atpatch.trigger_inversion import invert_all
+from repair.attention import AttentionAccess
+from repair.bundle import Bundle
+
+# Manifest keys a new version does not inherit from its parent.
+_OWN_KEYS = ("id", "parent", "created", "files")
+
+
+class BuildError(ValueError):
+    """Input that AtPatch cannot build a detector for; raised before anything is written."""
+
+
+def _split(n: int, held_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = int(n * held_fraction)
+    return perm[held:], perm[:held]
+
+
+def _subset(ds: DebugSet, pair_idx: torch.Tensor) -> DebugSet:
+    """The maps of the given pairs (indices of clean-side maps), both sides, re-indexed."""
+    n_pairs = int(ds.clean.sum())
+    idx = torch.cat([pair_idx, pair_idx + n_pairs])
+    k = len(pair_idx)
+    partner = torch.cat([torch.arange(k) + k, torch.arange(k)])
+    return DebugSet([m[idx] for m in ds.maps], [y[idx] for y in ds.labels], partner,
+                    ds.clean[idx], ds.info)
+
+
+def _protected(data: TabularData, model, names: list[str]) -> list[Protected]:
+    schema = data.schema
+    unknown = [n for n in names if n not in schema.names]
+    if unknown:
+        raise BuildError(f"protected attribute(s) {', '.join(unknown)} not in the data; "
+                         f"features: {', '.join(schema.names)}")
+    out = []
+    for name in names:
+        i = schema.index(name)
+        f = schema.features[i]
+        if f.kind == "categorical":
+            values = [float(v) for v in range(len(f.categories))]
+        else:  # numeric protected attribute (age): its observed encoded values, at most 10 quantiles
+            col = data.x_train[:, i]
+            values = sorted(set(torch.quantile(col, torch.linspace(0, 1, 10)).tolist()))
+        out.append(Protected(name, i, model.feature_token(i), values))
+    return out
+
+
+def build_detector(bundle: str | Path, protected: list[str] | None = None, epochs: int = 50,
+                   threshold: float = 0.1, *, inversion_steps: int = 150, n_clean: int = 600,
+                   seed: int = 0, progress: bool = True, activate: bool = True):
+    """Train the Detector and Q for the bundle's current version; write and return a new version."""
+    started = time.perf_counter()
+    logit_threshold(threshold)  # validates τ
+    if epochs < 1:
+        raise BuildError(f"epochs must be at least 1, got {epochs}")
+    b = Bundle(bundle)
+    version = b.version()
+    model = version.build_model("cpu")
+    access = AttentionAccess.for_model(model)  # NoAttentionError (a ValueError) for e.g. resnet18
+    data = load_dataset(version.manifest["dataset"]["name"])
+    protected = list(protected or [])
+    if isinstance(data, ImageData):
+        if protected:
+            raise BuildError("--protected is for tabular data; this bundle is a vision model")
+        debug, extra = _vision_set(model, data, version, inversion_steps, n_clean, seed, progress)
+        kind = "backdoor"
+    else:
+        if not protected:
+            protected = list(data.schema.protected)
+        if not protected:
+            raise BuildError("a tabular bundle needs --protected ATTR[,ATTR...]")
+        attrs = _protected(data, model, protected)
+        debug = fairness_set(model, data.x_train, attrs, seed=seed)
+        extra = {"protected": {a.name: {"column": a.column, "token": a.token, "values": a.values}
+                               for a in attrs}}
+        kind = "fairness"
+
+    n_pairs = int(debug.clean.sum())
+    train_idx, held_idx = _split(n_pairs, 0.2, seed)
+    train, held = _subset(debug, train_idx), _subset(debug, held_idx)
+    t0 = time.perf_counter()
+    det, history = train_detector(train.maps, train.labels, train.partner, epochs=epochs, seed=seed,
+                                  progress=progress)
+    train_seconds = time.perf_counter() - t0
+    flags = detect_maps(det, held.maps, threshold)
+    metrics = strict_metrics(torch.cat(flags), torch.cat(held.labels))
+    benign = benign_columns(debug.clean_maps())
+    selection = _choose_variant(model, det, benign, threshold, kind, data, extra)
+    manifest = {k: v for k, v in version.manifest.items() if k not in _OWN_KEYS}
+    manifest["atpatch"] = {
+        "threshold": threshold,
+        "defect_kind": kind,
+        "variants": {kind: selection["chosen"]},
+        "variant_selection": selection,
+        "layers": list(range(access.n_layers)),
+        "seq_len": access.seq_len,
+        "query_lens": access.query_lens,
+        "detector": det.config(),
+        "detector_metrics": metrics,
+        "debugging_set": debug.info,
+        "training": {"epochs": epochs, "lr": 1e-4, "lambda": 1.0, "optimizer": "AdamW",
+                     "final_loss": round(history[-1], 5), "seconds": round(train_seconds, 2)},
+        **extra,
+    }
+    manifest["provenance"] = {"created_by": "atpatch build", "parent_provenance": version.manifest.get("provenance"),
+                              "build_seconds": round(time.perf_counter() - started, 2), "seed": seed}
+    return b.write_version(manifest, {"detector": det.state_dict(), "benign": benign_io.to_tensors(benign)},
+                           parent=version.id, activate=activate)
+
+
+def _vision_set(model, data: ImageData, version, steps, n_clean, seed, progress):
+    spec = version.manifest["architecture"]
+    patch = int(spec.get("patch_size", 4))
+    x = data.x_train
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    inv_x, pair_x = x[perm[:n_clean]], x[perm[n_clean:2 * n_clean]]
+    inversion = invert_all(model, inv_x, len(data.classes), steps=steps, progress=progress, seed=seed)
+    trig = inversion.trigger
+    debug = backdoor_set(model, pair_x, trig.apply, trig.mask, inversion.target, patch)
+    # Images used neither for inversion nor for the pairs: where the variant is chosen.
+    extra = {"inversion": inversion.summary(), "_select": perm[2 * n_clean:], "_trigger": trig}
+    return debug, extra
+
+
+def _choose_variant(model, det, benign, threshold, kind, data, extra) -> dict:
+    """Run AtPatch with each variant on held-out debugging inputs; lowest defect metric wins,
+    then the smaller accuracy drop (both numbers are returned for the manifest)."""
+    results = {}
+    if kind == "backdoor":
+        trig = extra.pop("_trigger")
+        select = extra.pop("_select")
+        x_clean, y_clean = data.x_train[select], data.y_train[select]
+        x_bad = trig.apply(x_clean)
+        target = trig.target
+        for variant in VARIANTS:
+            patch = AtPatch(model, det, benign, threshold=threshold, variant=variant)
+            try:
+                acc = (patch(x_clean).logits.argmax(-1) == y_clean).float().mean().item()
+                keep = y_clean != target
+                hit = (patch(x_bad[keep]).logits.argmax(-1) == target).float().mean().item()
+            finally:
+                patch.remove()
+            results[variant] = {"defect_metric": round(hit, 4), "accuracy": round(acc, 4)}
+    else:
+        from repair.metrics import unfairness
+
+        x = data.x_test[:2000]
+        for variant in VARIANTS:
+            patch = AtPatch(model, det, benign, threshold=threshold, variant=variant)
+            wrapped = _Logits(patch)
+            try:
+                uf = max(unfairness(wrapped, x, p["column"], p["values"]) for p in extra["protected"].values())
+                acc = (wrapped(x).argmax(-1) == data.y_test[:2000]).float().mean().item()
+            finally:
+                patch.remove()
+            results[variant] = {"defect_metric": round(uf, 4), "accuracy": round(acc, 4)}
+    chosen = min(VARIANTS, key=lambda v: (results[v]["defect_metric"], -results[v]["accuracy"]))
+    return {"chosen": chosen, "measured_on": "held-out inputs (inverted trigger / protected swaps)", **results}
+
+
+class _Logits(torch.nn.Module):
+    """AtPatch (mode on) as a plain ``model(x) -> logits`` for the shared metrics."""
+
+    def __init__(self, patch: AtPatch):
+        super().__init__()
+        self.patch = patch
+        self.inner = patch.model
+
+    def forward(self, x):
+        return self.patch(x, "on").logits

@@ -1,0 +1,218 @@
+"""``repair-proxy evaluate``: accuracy, ASR / UF of a version with AtPatch off or on, and with
+``--patch on`` the Detector's strict map-level metrics (AtPatch §4.2.2), the two ablations of
+§4.2.3 (a random 1-3 column selector instead of the Detector; no rescaling) and optional PNG
+heatmaps of attention maps before/after the patch.
+
+The Detector is scored on held-out maps: test images whose real trigger works (positives: the
+trigger's tokens, at the layers where they are over-attended) and as many clean test images
+(negatives: nothing may be flagged in any layer).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from offline.datasets import ImageData, load_dataset
+from offline.defects import Trigger
+from repair.atpatch.debugging_set import excess_layers, patch_tokens
+from repair.atpatch.detector import strict_metrics
+from repair.atpatch.runtime import AtPatch
+from repair.attention import attention_maps
+from repair.bundle import Bundle
+from repair.metrics import accuracy, attack_success_rate, predict, unfairness
+
+
+class EvaluateError(ValueError):
+    pass
+
+
+class PatchedModel(torch.nn.Module):
+    """``AtPatch`` in a mode as a plain ``model(x) -> logits`` for the shared metrics."""
+
+    def __init__(self, patch: AtPatch, mode: str = "on"):
+        super().__init__()
+        self.patch, self.mode, self.inner = patch, mode, patch.model
+
+    def forward(self, x):
+        return self.patch(x, self.mode).logits
+
+
+def _trigger(version, defect, visibility, location) -> Trigger | None:
+    if version.has("defect"):
+        return Trigger.from_tensors(version.tensors("defect"))
+    if defect in ("badnets", "blend"):
+        from offline.zoo import make_trigger
+
+        data_shape = tuple(version.manifest["preprocessing"][k] for k in ("channels", "height", "width"))
+        return make_trigger(defect, data_shape, location=location, visibility=visibility)
+    return None
+
+
+def _random_selector(n_tokens: int, seed: int = 0):
+    """w/o Det.: 1-3 random non-[CLS] columns per map (§4.2.3)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def select(layer, attn):
+        b = attn.shape[0]
+        flags = torch.zeros(b, n_tokens, dtype=torch.bool)
+        k = torch.randint(1, 4, (b,), generator=g)
+        for i in range(b):
+            flags[i, 1 + torch.randperm(n_tokens - 1, generator=g)[: int(k[i])]] = True
+        return flags.to(attn.device)
+    return select
+
+
+def detector_metrics(patch: AtPatch, model, x_clean, x_bad, y, target, mask, patch_size) -> dict:
+    """Strict §4.2.2 metrics of the Detector on unpatched maps (every layer is one map)."""
+    works = (predict(model, x_bad) == target) & (y != target)
+    xb = x_bad[works]
+    xc = x_clean[~works][: len(xb)] if (~works).sum() >= len(xb) else x_clean[: len(xb)]
+    maps_b, maps_c = attention_maps(model, xb), attention_maps(model, xc)
+    tokens = patch_tokens(mask, patch_size)
+    layers, ratios = excess_layers(attention_maps(model, x_clean[works]), maps_b, tokens, 2.0)
+    det = patch.detector
+    from repair.atpatch.detector import detect_maps
+
+    flags_b, flags_c = detect_maps(det, maps_b, patch.threshold), detect_maps(det, maps_c, patch.threshold)
+    truth_b = []
+    for l, mb in enumerate(maps_b):
+        t = torch.zeros(len(mb), mb.shape[-1], dtype=torch.bool)
+        if l in layers:
+            t[:, tokens] = True
+        truth_b.append(t)
+    flags = torch.cat(flags_b + flags_c)
+    truth = torch.cat(truth_b + [torch.zeros_like(f) for f in flags_c])
+    out = strict_metrics(flags, truth)
+    out.update(maps_triggered=len(xb), maps_clean=len(xc), trigger_tokens=tokens, anomalous_layers=layers,
+               excess_ratio=[round(r, 2) for r in ratios])
+    return out
+
+
+def save_heatmaps(patch: AtPatch, x: torch.Tensor, out: Path, prefix: str) -> list[str]:
+    """One PNG per sample: head-averaged map of every layer before (top) and after (bottom) the patch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    seen: dict[int, tuple] = {}
+    patch.observer = lambda l, before, after: seen.__setitem__(l, (before.mean(1).cpu(), after.mean(1).cpu()))
+    try:
+        patch(x, "on")
+    finally:
+        patch.observer = None
+    n_layers = patch.access.n_layers
+    files = []
+    for i in range(len(x)):
+        fig, axes = plt.subplots(2, n_layers, figsize=(3 * n_layers, 6), squeeze=False)
+        for l in range(n_layers):
+            before, after = (seen[l][0][i], seen[l][1][i]) if l in seen else (None, None)
+            for row, (mat, title) in enumerate(((before, "before"), (after, "after"))):
+                ax = axes[row][l]
+                if mat is not None:
+                    ax.imshow(mat.numpy(), cmap="viridis", vmin=0, aspect="auto")
+                ax.set_title(f"layer {l} {title}", fontsize=9)
+                ax.set_xlabel("key token")
+                ax.set_ylabel("query token")
+        fig.tight_layout()
+        path = out / f"{prefix}-{i}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        files.append(str(path))
+    return files
+
+
+def evaluate_bundle(bundle, version=None, patch="off", defect="none", target_class=0,
+                    visibility=0.5, location="br", heatmaps=None, ablations: bool = True) -> dict:
+    if patch not in ("on", "off"):
+        raise EvaluateError(f"--patch must be on or off, got {patch!r}")
+    v = Bundle(bundle).version(version)
+    model = v.build_model("cpu")
+    data = load_dataset(v.manifest["dataset"]["name"])
+    if patch == "on" and not AtPatch.available(v):
+        raise EvaluateError(f"version {v.id} has no AtPatch detector; run `repair-proxy atpatch build` first")
+    atp = AtPatch.from_version(v, model) if patch == "on" else None
+    net = PatchedModel(atp, "on") if atp is not None else model
+    result = {"version": v.id, "patch": patch, "accuracy": round(accuracy(net, data.x_test, data.y_test), 4)}
+    try:
+        if isinstance(data, ImageData):
+            _vision(result, v, model, atp, net, data, defect, target_class, visibility, location,
+                    heatmaps, ablations)
+        else:
+            _tabular(result, v, model, atp, net, data, ablations)
+    finally:
+        if atp is not None:
+            atp.remove()
+    return result
+
+
+def _vision(result, v, model, atp, net, data, defect, target_class, visibility, location, heatmaps,
+            ablations):
+    trig = _trigger(v, defect, visibility, location)
+    if trig is None:
+        return
+    target = int(v.manifest.get("defect", {}).get("target_class", target_class))
+    x_bad = trig.apply(data.x_test)
+    result["asr"] = round(attack_success_rate(net, x_bad, data.y_test, target), 4)
+    if atp is None:
+        return
+    result["patch_rate"] = {"clean": round(atp(data.x_test).patched.float().mean().item(), 4),
+                            "triggered": round(atp(x_bad).patched.float().mean().item(), 4)}
+    patch_size = int(v.manifest["architecture"].get("patch_size", 4))
+    atp.access.remove()
+    result["detector"] = detector_metrics(atp, model, data.x_test, x_bad, data.y_test, target,
+                                          trig.mask, patch_size)
+    atp.access.install(atp._hook)
+    if ablations:
+        result["ablations"] = _ablations(atp, data.x_test, data.y_test, x_bad, target)
+    if heatmaps:
+        keep = (data.y_test != target).nonzero().flatten()[:3]
+        result["heatmaps"] = (save_heatmaps(atp, x_bad[keep], Path(heatmaps), "triggered")
+                              + save_heatmaps(atp, data.x_test[keep], Path(heatmaps), "clean"))
+
+
+def _ablations(atp: AtPatch, x, y, x_bad, target) -> dict:
+    out = {}
+    for name, change in (("without_detector", {"selector": _random_selector(atp.access.seq_len)}),
+                         ("without_rescaling", {"rescale": False})):
+        saved = atp.selector, atp.rescale
+        atp.selector = change.get("selector", atp.selector)
+        atp.rescale = change.get("rescale", atp.rescale)
+        try:
+            net = PatchedModel(atp)
+            out[name] = {"accuracy": round(accuracy(net, x, y), 4)}
+            if x_bad is not None:
+                out[name]["asr"] = round(attack_success_rate(net, x_bad, y, target), 4)
+        finally:
+            atp.selector, atp.rescale = saved
+    return out
+
+
+def _tabular(result, v, model, atp, net, data, ablations):
+    meta = v.manifest.get("atpatch", {})
+    protected = meta.get("protected") or {}
+    if not protected:
+        schema = data.schema
+        protected = {n: {"column": schema.index(n),
+                         "values": [float(i) for i in range(len(schema.feature(n).categories))]}
+                     for n in schema.protected if schema.feature(n).kind == "categorical"}
+    result["uf"] = {n: round(unfairness(net, data.x_test, p["column"], p["values"]), 4)
+                    for n, p in protected.items()}
+    if atp is not None:
+        result["patch_rate"] = {"test": round(atp(data.x_test).patched.float().mean().item(), 4)}
+        if ablations:
+            abl = _ablations(atp, data.x_test, data.y_test, None, None)
+            for name, change in (("without_detector", {"selector": _random_selector(atp.access.seq_len)}),
+                                 ("without_rescaling", {"rescale": False})):
+                saved = atp.selector, atp.rescale
+                atp.selector = change.get("selector", atp.selector)
+                atp.rescale = change.get("rescale", atp.rescale)
+                try:
+                    pn = PatchedModel(atp)
+                    abl[name]["uf"] = {n: round(unfairness(pn, data.x_test, p["column"], p["values"]), 4)
+                                       for n, p in protected.items()}
+                finally:
+                    atp.selector, atp.rescale = saved
+            result["ablations"] = abl

@@ -1,0 +1,168 @@
+"""Rectification job (CONTRACTS §2): a clean/corrupt pair in, a new bundle version out.
+
+``rectify_images`` validates the pair before anything is computed or written, loads the key
+statistics from the version (or computes them from the bundle's training data and stores them in
+the new version), runs dynamic rectification (paper Algorithm 1; ``static=True`` edits the last
+editable layer once; ``layer=`` edits a named layer) and writes a new version whose weights
+hold the edits and whose ``edits.json`` records each edit as an explicit delta
+``W' − W = Λ dᵀ`` (layer, Λ, d, weight shape, pair hashes). The parent version is never touched.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from offline.datasets import load_dataset
+from repair.bundle import Bundle, BundleError, state_dict_for_saving
+from repair.editing.dynamic import prediction_gap, rectify
+from repair.editing.keystats import compute_keystats, stats_from_tensors, stats_to_tensors
+from repair.editing.layers import editable_layers
+
+KEYSTATS_SAMPLES = 1024   # clean training images for C = K Kᵀ
+VALIDATION_SAMPLES = 500  # training images for the budget check ε* (the test split stays unseen)
+
+
+class RectifyError(ValueError):
+    """Bad rectification input: shapes, no gap, label out of range, a non-editable layer."""
+
+
+def _pair_hash(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _as_batch(t, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise RectifyError(f"{name} must be a tensor, got {type(t).__name__}")
+    t = t.detach().float().cpu()
+    if t.dim() == len(shape):
+        t = t.unsqueeze(0)
+    if t.dim() != len(shape) + 1 or tuple(t.shape[1:]) != tuple(shape):
+        raise RectifyError(f"{name} has shape {tuple(t.shape)}; the model expects {tuple(shape)} "
+                           f"(or a batch of them)")
+    if not torch.isfinite(t).all():
+        raise RectifyError(f"{name} holds NaN or infinite values")
+    return t
+
+
+def _input_shape(manifest: dict) -> tuple[int, int, int]:
+    pre = manifest.get("preprocessing", {})
+    if manifest.get("kind") != "vision" or pre.get("kind") != "image":
+        raise RectifyError("rectify_images needs a vision bundle")
+    return pre["channels"], pre["height"], pre["width"]
+
+
+def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tensor,
+                   label: int | None = None, budget: float = 0.01, gap: float = 0.001,
+                   static: bool = False, layer: str | None = None, progress: bool = True,
+                   activate: bool = True, epochs: int = 100, max_rounds: int = 5,
+                   device: str = "cpu") -> dict:
+    """Rectify the current version with the pair(s) ``(clean, corrupt)``; see module docstring.
+
+    ``clean``/``corrupt``: ``(C, H, W)`` in [0, 1] at the model's input size (or ``(n, C, H, W)``
+    for n pairs). Raises :class:`RectifyError` before anything is written on bad input.
+    """
+    started = time.perf_counter()
+    store = Bundle(bundle)
+    try:
+        parent = store.version()
+    except BundleError as err:
+        raise RectifyError(str(err)) from err
+    shape = _input_shape(parent.manifest)
+    clean_b, corrupt_b = _as_batch(clean, "clean", shape), _as_batch(corrupt, "corrupt", shape)
+    if clean_b.shape != corrupt_b.shape:
+        raise RectifyError(f"clean {tuple(clean_b.shape)} and corrupt {tuple(corrupt_b.shape)} "
+                           f"differ in shape")
+    if not 0 <= budget < 1 or not 0 <= gap < 1:
+        raise RectifyError(f"budget and gap must lie in [0, 1), got {budget} and {gap}")
+    model = parent.build_model(device)
+    layers = editable_layers(model)
+    if layer is not None and layer not in layers:
+        raise RectifyError(f"{layer!r} is not an editable layer; editable: {', '.join(layers)}")
+    n_classes = len(parent.manifest["labels"])
+    clean_b, corrupt_b = clean_b.to(device), corrupt_b.to(device)
+    with torch.no_grad():
+        clean_pred = model(clean_b).argmax(-1)
+        corrupt_pred = model(corrupt_b).argmax(-1)
+    if label is None:
+        labels = clean_pred
+    else:
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < n_classes:
+            raise RectifyError(f"label {label!r} is not one of the model's {n_classes} classes (0..{n_classes - 1})")
+        labels = torch.full((len(clean_b),), int(label), device=device)
+    gap_before = prediction_gap(model, clean_b, corrupt_b)
+    if gap_before <= gap:
+        raise RectifyError(f"the model already treats the clean and corrupt inputs the same "
+                           f"(gap {gap_before:.2e} ≤ target gap {gap}); nothing to rectify")
+
+    data = load_dataset(parent.manifest["dataset"]["name"])
+    new_stats = None
+    if parent.has("keystats"):
+        stats = stats_from_tensors(parent.tensors("keystats"))
+    else:
+        stats = compute_keystats(model, list(layers.values()), data.x_train[:KEYSTATS_SAMPLES],
+                                 progress=progress)
+        new_stats = stats_to_tensors(stats)
+    val_x, val_y = data.x_train[-VALIDATION_SAMPLES:], data.y_train[-VALIDATION_SAMPLES:]
+    outcome = rectify(model, layers, stats, clean_b, corrupt_b, labels, val_x, val_y,
+                      budget=budget, gap=gap, epochs=epochs, max_rounds=max_rounds, static=static,
+                      layer=layer, progress=progress)
+
+    pairs = [{"clean": _pair_hash(c), "corrupt": _pair_hash(k)} for c, k in zip(clean_b, corrupt_b)]
+    edits = [{"method": "rank-one", "layer": e.layer, "round": i + 1,
+              "weight_shape": list(layers[e.layer].module.weight.shape),
+              "lambda": e.lam.tolist(), "direction": e.d.tolist(), "pairs": pairs,
+              "labels": labels.tolist(), "loss_before": e.loss_before, "loss_after": e.loss_after}
+             for i, e in enumerate(outcome.edits)]
+    with torch.no_grad():
+        after_clean = model(clean_b).argmax(-1)
+        after_corrupt = model(corrupt_b).argmax(-1)
+    before = {"accuracy": outcome.accuracy_before, "gap": gap_before,
+              "clean_pred": clean_pred.tolist(), "corrupt_pred": corrupt_pred.tolist()}
+    after = {"accuracy": outcome.accuracy_after, "gap": outcome.gap_after,
+             "clean_pred": after_clean.tolist(), "corrupt_pred": after_corrupt.tolist()}
+    rounds = [{"layer": r.layer, "accuracy_drop": r.accuracy_drop, "gap": r.gap, "kept": r.kept,
+               "completeness_error": r.completeness_error} for r in outcome.rounds]
+    manifest = {k: v for k, v in parent.manifest.items()
+                if k not in ("id", "parent", "created", "files")}
+    manifest["rectification"] = {"mode": "layer" if layer else "static" if static else "dynamic",
+                                 "budget": budget, "gap": gap, "labels": labels.tolist(),
+                                 "pairs": pairs, "rounds": rounds, "before": before, "after": after}
+    manifest["provenance"] = dict(parent.manifest.get("provenance", {}), created_by="rectify")
+    tensors = {"model": state_dict_for_saving(model)}
+    if new_stats is not None:
+        tensors["keystats"] = new_stats
+    version = store.write_version(manifest, tensors, edits=edits, parent=parent.id,
+                                  activate=activate)
+    return {"version": version.id, "parent": parent.id, "layers": [e.layer for e in outcome.edits],
+            "rounds": len(outcome.rounds), "before": before, "after": after,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def load_png(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A PNG as ``(C, H, W)`` in [0, 1]; it must already be the model's input size."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if shape[0] == 1 else "RGB")
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as err:
+        raise RectifyError(f"{path} is not a readable image: {err}") from err
+    t = torch.from_numpy(arr)
+    t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+    if tuple(t.shape) != tuple(shape):
+        raise RectifyError(f"{path} is {tuple(t.shape)}; the model expects {tuple(shape)}")
+    return t
+
+
+def rectify_from_files(bundle, clean: str, corrupt: str, **kwargs) -> dict:
+    """:func:`rectify_images` on two PNG files (what ``repair-proxy rectify`` calls)."""
+    try:
+        shape = _input_shape(Bundle(bundle).version().manifest)
+    except BundleError as err:
+        raise RectifyError(str(err)) from err
+    return rectify_images(bundle, load_png(clean, shape), load_png(corrupt, shape), **kwargs)

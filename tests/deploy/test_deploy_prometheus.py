@@ -1,0 +1,104 @@
+"""A real Prometheus scrapes a real server: after a known mix of clean and triggered requests,
+the dashboard's patch-rate expression, evaluated by Prometheus, gives that mix's ratio."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import random
+import re
+import time
+
+import torch
+from conftest import http_get, http_post_json, wait_until
+from promql_names import ROOT, grafana_to_promql
+
+N_CLEAN, N_TRIGGERED = 24, 12       # the mix: a third of the samples carry the trigger
+WARMUP = 4                           # per kind, before the measured window
+
+
+def dashboard_patch_rate() -> str:
+    dash = json.loads((ROOT / "deploy/grafana/dashboards/repair-proxy.json").read_text())
+    panel = next(p for p in dash["panels"] if p["title"] == "Patch rate")
+    return next(t["expr"] for t in panel["targets"] if t["refId"] == "A")
+
+
+def images(bundle, n_clean: int, n_triggered: int, offset: int) -> list[tuple[str, bool]]:
+    """Test digits as base64 PNGs: clean ones, and non-target ones with the bundle's trigger."""
+    from offline.datasets import load_dataset
+    from offline.defects import Trigger
+    from repair.bundle import Bundle
+    from repair.images import encode_png
+
+    version = Bundle(bundle).version()
+    trigger = Trigger.from_tensors(version.tensors("defect"))
+    data = load_dataset("digits")
+    x, y = data.x_test, data.y_test
+    clean = x[offset: offset + n_clean]
+    others = x[y != version.manifest["defect"]["target_class"]]
+    triggered = trigger.apply(others[offset: offset + n_triggered])
+    enc = lambda t: base64.b64encode(encode_png(t)).decode()  # noqa: E731
+    return [(enc(t), False) for t in clean] + [(enc(t), True) for t in triggered]
+
+
+def send(url: str, batch: list[tuple[str, bool]]) -> list[bool]:
+    out = http_post_json(url + "/predict", {"images": [b for b, _ in batch]})
+    assert len(out["predictions"]) == len(batch)
+    return [p["patched"] for p in out["predictions"]]
+
+
+def served_samples(url: str) -> float:
+    """``sum(repair_samples_total)`` as the server itself reports it right now."""
+    _, body = http_get(url + "/metrics")
+    return sum(float(v) for v in re.findall(r"^repair_samples_total\{[^}]*\} (\S+)$",
+                                            body.decode(), re.M))
+
+
+def test_dashboard_patch_rate_equals_the_request_mix(proxy_server, prometheus, deploy_bundle):
+    from repair.bundle import Bundle
+
+    has_detector = Bundle(deploy_bundle).version().has("detector")
+    warm = images(deploy_bundle, WARMUP, WARMUP, offset=0)
+    mix = images(deploy_bundle, N_CLEAN, N_TRIGGERED, offset=WARMUP)
+    random.Random(0).shuffle(mix)
+
+    # Warm-up: the counters' series exist (non-zero) before the measured window opens, so the
+    # window's rate() sees every request of the mix.
+    for item in warm:
+        send(proxy_server, [item])
+    total = served_samples(proxy_server)
+    wait_until(lambda: prometheus.scalar("sum(repair_samples_total)") == total, 30,
+               "prometheus never scraped the warm-up")
+    time.sleep(2.5)   # the window opens after the warm-up's last scrape
+    t0 = time.time()
+
+    patched, sizes = [], [1, 2, 3]
+    i = 0
+    while i < len(mix):
+        batch = mix[i: i + sizes[i % 3]]
+        patched += send(proxy_server, batch)
+        i += len(batch)
+    total = served_samples(proxy_server)
+    assert total >= 2 * WARMUP + len(mix)
+    wait_until(lambda: prometheus.scalar("sum(repair_samples_total)") == total, 30,
+               "prometheus never scraped the mix")
+    time.sleep(2.5)
+    t1 = time.time()
+
+    # What the server answered: the ratio the dashboard must show for this window.
+    expected = sum(patched) / len(mix)
+    window = f"{math.ceil(t1 - t0)}s"
+    value = prometheus.scalar(grafana_to_promql(dashboard_patch_rate(), rate_interval=window), at=t1)
+    assert value is not None and abs(value - expected) <= 0.02, (value, expected, window)
+
+    if has_detector:
+        # The detector separates the mix: triggered samples patched, clean ones left alone,
+        # so the dashboard shows (about) the triggered share of the traffic.
+        triggered = [p for p, (_, t) in zip(patched, mix) if t]
+        clean = [p for p, (_, t) in zip(patched, mix) if not t]
+        assert sum(triggered) >= 0.8 * len(triggered) and sum(clean) <= 0.1 * len(clean)
+        assert abs(value - N_TRIGGERED / len(mix)) <= 0.1
+        # and the patch-rate alert rule, loaded by this Prometheus, has noticed
+        alerts = json.loads(http_get(prometheus.url + "/api/v1/alerts")[1])["data"]["alerts"]
+        states = {a["labels"]["alertname"]: a["state"] for a in alerts}
+        assert states.get("RepairPatchRateSpike") in ("pending", "firing"), states

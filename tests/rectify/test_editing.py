@@ -1,0 +1,118 @@
+"""Editable layers, key statistics, the rank-one direction and localization (unit level)."""
+from __future__ import annotations
+
+import torch
+
+from repair.editing.keystats import compute_keystats
+from repair.editing.layers import (capture_inputs_outputs, editable_layers, rank_one_hook,
+                                   resolve_layer, LayerError)
+from repair.editing.localization import locate
+from repair.editing.rank_one import edit_direction
+from repair.models import build_model
+
+
+def _vit():
+    torch.manual_seed(0)
+    return build_model({"arch": "vit", "img_size": 16, "in_chans": 1, "num_classes": 10}).eval()
+
+
+def test_editable_layer_names_per_architecture():
+    vit = editable_layers(_vit())
+    assert list(vit)[0] == "patch_embed.proj" and list(vit)[-1] == "blocks.2.mlp.fc2"
+    assert len(vit) == 1 + 3 * 4
+    rn = editable_layers(build_model({"arch": "resnet18", "in_chans": 1, "num_classes": 10}))
+    assert list(rn)[0] == "conv1" and len(rn) == 1 + 16 and list(rn)[-1] == "layer4.1.conv2"
+    ft = editable_layers(build_model({"arch": "ft-transformer", "n_numeric": 2, "cardinalities": [3]}))
+    assert len(ft) == 3 * 6 and list(ft)[-1] == "net.backbone.blocks.2.ffn.linear2"
+
+
+def test_non_editable_layer_is_refused():
+    model = _vit()
+    try:
+        resolve_layer(model, "blocks.0.norm1")
+    except LayerError as err:
+        assert "blocks.0.norm1" in str(err)
+    else:
+        raise AssertionError("a LayerNorm must not be editable")
+
+
+def test_keys_times_weight_give_the_layer_output_per_position():
+    """A layer is a linear associative memory: v = W k at every position (conv and linear)."""
+    torch.manual_seed(0)
+    rn = build_model({"arch": "resnet18", "in_chans": 1, "num_classes": 10}).eval()
+    x = torch.rand(2, 1, 16, 16)
+    for model in (rn, _vit()):
+        layers = list(editable_layers(model).values())[:3]
+        with torch.no_grad(), capture_inputs_outputs(layers) as rec:
+            model(x)
+        for layer in layers:
+            inp, out = rec[layer.name]
+            v = layer.keys(inp) @ layer.weight_matrix().T
+            if layer.module.bias is not None:
+                v = v + layer.module.bias
+            torch.testing.assert_close(v, layer.positions(out), atol=1e-5, rtol=1e-4)
+
+
+def test_rank_one_hook_equals_the_weight_update():
+    model = _vit()
+    x = torch.rand(3, 1, 16, 16)
+    for name in ("patch_embed.proj", "blocks.1.mlp.fc2"):
+        layer = editable_layers(model)[name]
+        lam, d = torch.randn(layer.value_dim), torch.randn(layer.key_dim)
+        with torch.no_grad(), rank_one_hook(layer, lam, d):
+            hooked = model(x)
+        saved = layer.module.weight.detach().clone()
+        layer.add_rank_one(lam, d)
+        with torch.no_grad():
+            updated = model(x)
+        layer.module.weight.data.copy_(saved)
+        torch.testing.assert_close(hooked, updated, atol=1e-4, rtol=1e-4)
+
+
+def test_keystats_whitening_squares_to_the_inverse_and_matches_the_moment():
+    model = _vit()
+    layers = list(editable_layers(model).values())
+    x = torch.rand(64, 1, 16, 16)
+    stats = compute_keystats(model, layers, x, progress=False)
+    layer = layers[0]
+    with torch.no_grad(), capture_inputs_outputs([layer]) as rec:
+        model(x)
+    k = layer.keys(rec[layer.name][0]).reshape(-1, layer.key_dim).double()
+    s = stats[layer.name]
+    c = k.T @ k / len(k) + s.lam.double() * torch.eye(layer.key_dim, dtype=torch.double)
+    probe = torch.randn(5, layer.key_dim, dtype=torch.double)
+    torch.testing.assert_close(s.inverse(probe), torch.linalg.solve(c, probe.T).T, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(s.whiten(s.whiten(probe)), s.inverse(probe), rtol=1e-4, atol=1e-6)
+
+
+def test_direction_for_one_key_is_c_inverse_k():
+    model = _vit()
+    layers = list(editable_layers(model).values())
+    stats = compute_keystats(model, layers, torch.rand(32, 1, 16, 16), progress=False)
+    s = stats["blocks.0.mlp.fc1"]
+    k = torch.randn(1, 64)
+    d = edit_direction(s, k)
+    expected = s.inverse(k[0].double()).float()
+    cos = torch.nn.functional.cosine_similarity(d, expected, dim=0)
+    assert cos > 0.999
+    assert torch.allclose(k @ d, torch.ones(1), atol=1e-4)  # unit projection dᵀk* = 1
+
+
+def test_localization_ranks_every_layer_and_reports_completeness(digits_vit_blend):
+    from offline.defects import Trigger
+    from repair.bundle import Bundle
+
+    version = Bundle(digits_vit_blend).version()
+    model = version.build_model()
+    trig = Trigger.from_tensors(version.tensors("defect"))
+    layers = list(editable_layers(model).values())
+    stats = compute_keystats(model, layers, torch.rand(16, 1, 16, 16), progress=False)
+    clean = torch.zeros(1, 1, 16, 16)
+    clean[..., 4:12, 6:10] = 1.0
+    found = locate(model, layers, stats, clean, trig.apply(clean), torch.tensor([1]))
+    assert sorted(found.ranking) == sorted(l.name for l in layers)
+    assert found.scores[found.ranking[0]] > 0
+    assert 0 <= found.completeness_error < float("inf")
+    joint = locate(model, layers, stats, clean, trig.apply(clean), torch.tensor([1]), joint=True)
+    # one Captum pass over the list: layers whose paths all cross a later listed layer get 0
+    assert joint.scores["blocks.0.attn.qkv"] == 0.0 and joint.scores["blocks.0.attn.proj"] > 0

@@ -1,0 +1,124 @@
+"""The rectification job: numbers on the digits ViT (issue 4), versioning, bad input."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from offline.datasets import load_dataset
+from offline.defects import Trigger
+from offline.rectify import RectifyError, rectify_from_files, rectify_images
+from repair.bundle import Bundle
+from repair.metrics import accuracy, attack_success_rate
+
+
+def _pair(bundle, trial=0):
+    """A seeded training image of a non-target class (not in the validation tail) and its trigger."""
+    version = Bundle(bundle).version()
+    trig = Trigger.from_tensors(version.tensors("defect"))
+    data = load_dataset("digits")
+    pool = (data.y_train[:-500] != 0).nonzero().flatten()
+    i = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(1000 + trial))[0]]
+    return data.x_train[i], trig.apply(data.x_train[i]), int(data.y_train[i]), trig, data
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def rectified(digits_vit_blend, tmp_path_factory):
+    """One dynamic n=1 rectification of a copy of the shared digits ViT Blend bundle."""
+    import shutil
+
+    dst = tmp_path_factory.mktemp("rect") / "bundle"
+    shutil.copytree(digits_vit_blend, dst)
+    for p in dst.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    clean, corrupt, label, trig, data = _pair(dst)
+    parent = Bundle(dst).version()
+    parent_digest = _digest(parent.path / "model.safetensors")
+    result = rectify_images(dst, clean, corrupt, label=label, progress=False)
+    return dst, parent, parent_digest, result, trig, data, clean, corrupt, label
+
+
+def test_digits_vit_n1_meets_issue_numbers(rectified):
+    """Issue 4: n = 1 pair → ASR ≤ 5 %, OA drop ≤ 1 pt on the test split."""
+    dst, parent, _, result, trig, data, *_ = rectified
+    before, after = parent.build_model(), Bundle(dst).version().build_model()
+    assert attack_success_rate(before, trig.apply(data.x_test), data.y_test, 0) > 0.9
+    asr = attack_success_rate(after, trig.apply(data.x_test), data.y_test, 0)
+    drop = accuracy(before, data.x_test, data.y_test) - accuracy(after, data.x_test, data.y_test)
+    assert asr <= 0.05, asr
+    assert drop <= 0.01, drop
+    assert result["layers"] and result["rounds"] >= 1
+
+
+def test_new_version_records_deltas_and_leaves_parent_untouched(rectified):
+    dst, parent, parent_digest, result, _, data, clean, corrupt, label = rectified
+    store = Bundle(dst)
+    assert store.current_id() == result["version"] and result["parent"] == parent.id
+    assert _digest(parent.path / "model.safetensors") == parent_digest
+    child = store.version(result["version"])
+    assert child.parent == parent.id and child.has("keystats")
+    edits = json.loads((child.path / "edits.json").read_text())
+    assert [e["layer"] for e in edits] == result["layers"]
+    # parent weights + Σ Λ dᵀ reproduce the child's weights and logits
+    rebuilt = parent.build_model()
+    sd = rebuilt.state_dict()
+    for e in edits:
+        w = sd[f"{e['layer']}.weight"]
+        delta = torch.outer(torch.tensor(e["lambda"]), torch.tensor(e["direction"]))
+        w += delta.reshape(e["weight_shape"])
+        assert e["pairs"][0]["clean"] and e["pairs"][0]["corrupt"]
+    reloaded = child.build_model()
+    x = torch.cat([data.x_test[:64], clean[None], corrupt[None]])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), reloaded(x), atol=1e-4, rtol=1e-4)
+        again = store.version(result["version"]).build_model()
+        assert torch.equal(reloaded(x), again(x))
+        assert reloaded(corrupt[None]).argmax(-1).item() == result["after"]["corrupt_pred"][0] == label
+
+
+def _bad(bundle, **kwargs):
+    before = Bundle(bundle).version_ids()
+    with pytest.raises(RectifyError) as info:
+        rectify_images(bundle, progress=False, **kwargs)
+    assert Bundle(bundle).version_ids() == before  # nothing written
+    return str(info.value)
+
+
+def test_bad_input_is_refused_before_writing(digits_vit_blend, copy_bundle):
+    dst = copy_bundle(digits_vit_blend)
+    clean, corrupt, label, *_ = _pair(dst)
+    assert "shape" in _bad(dst, clean=clean, corrupt=corrupt[:, :8, :8])
+    assert "shape" in _bad(dst, clean=torch.rand(3, 16, 16), corrupt=torch.rand(3, 16, 16))
+    assert "treats" in _bad(dst, clean=clean, corrupt=clean.clone())
+    assert "label 10" in _bad(dst, clean=clean, corrupt=corrupt, label=10)
+    assert "label -1" in _bad(dst, clean=clean, corrupt=corrupt, label=-1)
+    assert "not an editable layer" in _bad(dst, clean=clean, corrupt=corrupt, layer="blocks.0.norm1")
+
+
+def test_from_files_static_mode_edits_the_last_layer(digits_vit_blend, copy_bundle, tmp_path):
+    from PIL import Image
+
+    dst = copy_bundle(digits_vit_blend)
+    clean, corrupt, label, *_ = _pair(dst, trial=1)
+    paths = {}
+    for name, t in (("clean", clean), ("corrupt", corrupt)):
+        paths[name] = tmp_path / f"{name}.png"
+        Image.fromarray((t[0].numpy() * 255).round().astype(np.uint8)).save(paths[name])
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((20, 20), dtype=np.uint8)).save(big)
+    with pytest.raises(RectifyError, match="expects"):
+        rectify_from_files(dst, str(big), str(paths["corrupt"]))
+    result = rectify_from_files(dst, str(paths["clean"]), str(paths["corrupt"]), label=label,
+                                static=True, progress=False, activate=False)
+    store = Bundle(dst)
+    assert store.current_id() != result["version"]  # activate=False
+    assert result["rounds"] == 1
+    assert result["layers"] in ([], ["blocks.2.mlp.fc2"])
+    assert store.version(result["version"]).manifest["rectification"]["mode"] == "static"
