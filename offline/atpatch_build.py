@@ -71,7 +71,7 @@ def _protected(data: TabularData, model, names: list[str]) -> list[Protected]:
 
 
 def build_detector(bundle: str | Path, protected: list[str] | None = None, epochs: int = 50,
-                   threshold: float = 0.1, *, inversion_steps: int = 150, n_clean: int = 600,
+                   threshold: float = 0.1, *, inversion_steps: int = 100, n_clean: int = 600,
                    seed: int = 0, progress: bool = True, activate: bool = True):
     """Train the Detector and Q for the bundle's current version; write and return a new version."""
     started = time.perf_counter()

@@ -55,6 +55,21 @@ def compas_ft(zoo_cache) -> Path:
     return _zoo(zoo_cache, "compas-ft", dataset="compas", arch="ft-transformer", epochs=6, seed=0)
 
 
+@pytest.fixture(scope="session")
+def digits_vit_badnets_atpatch(zoo_cache, digits_vit_badnets) -> Path:
+    """``digits_vit_badnets`` plus an AtPatch detector version (25 epochs), built once per
+    session and shared (deploy, server, atpatch tests): never write into it."""
+    out = zoo_cache / "digits-vit-badnets-atpatch"
+    if not (out / "CURRENT").exists():
+        from offline.atpatch_build import build_detector
+
+        shutil.copytree(digits_vit_badnets, out)
+        for p in out.rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        build_detector(out, epochs=25, progress=False)
+    return out
+
+
 @pytest.fixture
 def copy_bundle(tmp_path):
     """Copy a shared bundle into this test's tmp dir so the test may write versions."""

@@ -2,8 +2,10 @@
 
 Eq. 5: the map is averaged over heads; Eq. 6: a CNN reads the ``Nq x N`` map, its features are
 pooled over the query rows (max and mean), and a per-column MLP gives one logit per column
-(``σ`` of it is ``P_anomaly``). One Detector serves every layer: a learned layer embedding and a
-column (token) embedding are added to the MLP's hidden layer. Pooling over rows makes it accept
+(``σ`` of it is ``P_anomaly``). One Detector serves every layer: a learned layer embedding is
+added to the MLP's hidden layer. There is deliberately no per-token embedding: an inverted
+trigger may sit on another token than the real one (measured on the digits ViT: one patch up),
+so the Detector must judge a column by its attention, not by its position. Pooling over rows makes it accept
 any number of query rows (the FT-Transformer's last layer has one). ``features`` is ``f_θ`` of
 Eq. 8; ``train_detector`` minimises Eq. 7 (BCE + λ·contrastive) with AdamW.
 
@@ -29,8 +31,10 @@ class Detector(nn.Module):
         self.conv = nn.Conv2d(1, channels, 3, padding=1)
         self.mix = nn.Conv1d(2 * channels, hidden, 1)
         self.layer_emb = nn.Parameter(torch.zeros(n_layers, hidden, 1))
-        self.column_emb = nn.Parameter(torch.zeros(hidden, seq_len))
         self.out = nn.Conv1d(hidden, 1, 1)
+        # Start from the prior "almost every column is normal" (p ≈ 2 %), not p = 0.5, which at
+        # τ = 0.1 would flag every column until training has pushed all of them down.
+        nn.init.constant_(self.out.bias, -4.0)
         self._fast: dict | None = None
 
     def config(self) -> dict:
@@ -51,7 +55,7 @@ class Detector(nn.Module):
         """CNN features ``(B, C, Nq, N)`` → per-column hidden features ``(B, hidden, N)``."""
         z = F.relu(z)
         pooled = torch.cat([z.amax(2), z.mean(2)], 1)
-        return F.relu(self.mix(pooled) + self.layer_emb[layer] + self.column_emb)
+        return F.relu(self.mix(pooled) + self.layer_emb[layer])
 
     def features(self, a: torch.Tensor, layer: int) -> torch.Tensor:
         """``f_θ``: head-averaged maps ``(B, Nq, N)`` → ``(B, hidden, N)``. Scaled by ``N`` so uniform is 1."""
@@ -68,8 +72,7 @@ class Detector(nn.Module):
         n = self.seq_len
         w = self.conv.weight.detach() * (n / num_heads)
         self._fast = {"weight": w.repeat(1, num_heads, 1, 1), "bias": self.conv.bias.detach(),
-                      "hidden_bias": [(self.layer_emb[l] + self.column_emb).detach()
-                                      for l in range(self.n_layers)]}
+                      "hidden_bias": [self.layer_emb[l].detach() for l in range(self.n_layers)]}
 
     def logits_from_heads(self, attn: torch.Tensor, layer: int) -> torch.Tensor:
         """Logits ``(B, N)`` straight from the per-head map ``(B, H, Nq, N)`` (after ``prepare``)."""

@@ -74,23 +74,16 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def deploy_bundle(tmp_path_factory, digits_vit_badnets) -> Path:
-    """A copy of the shared BadNets digits bundle with an AtPatch detector built on it."""
+def deploy_bundle(tmp_path_factory, digits_vit_badnets_atpatch) -> Path:
+    """A writable copy of the shared BadNets digits bundle with its AtPatch detector (the
+    server writes job files into the bundle it serves)."""
     import shutil
 
     dst = tmp_path_factory.mktemp("deploy") / "bundle"
-    shutil.copytree(digits_vit_badnets, dst)
+    shutil.copytree(digits_vit_badnets_atpatch, dst)
     for p in dst.rglob("*"):
         p.chmod(0o755 if p.is_dir() else 0o644)
-    try:  # TEMPORARY until the AtPatch helper lands offline/atpatch_build.py
-        from offline.atpatch_build import build_detector
-    except ModuleNotFoundError:
-        return dst
-    build_detector(str(dst), protected=[], epochs=DETECTOR_EPOCHS, threshold=None)
     return dst
-
-
-DETECTOR_EPOCHS = 20
 
 
 @pytest.fixture(scope="session")
@@ -156,3 +149,8 @@ def prometheus(proxy_server, tmp_path):
         yield prom
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="session")  # TEMP-ITERATION
+def zoo_cache():  # TEMP-ITERATION
+    return Path("/tmp/dw/cache")  # TEMP-ITERATION

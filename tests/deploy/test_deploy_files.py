@@ -62,15 +62,19 @@ def test_dockerignore_keeps_the_build_context_small():
 
 
 def test_entrypoint_seeds_an_empty_volume_once(tmp_path, digits_vit_badnets):
+    """Three replicas starting at once on one empty volume: one whole bundle, no leftovers."""
     from repair.bundle import Bundle
 
     volume = tmp_path / "volume"
     volume.mkdir()
     env = dict(os.environ, REPAIR_BUNDLE=str(volume), REPAIR_SEED_BUNDLE=str(digits_vit_badnets))
     script = DEPLOY / "docker/entrypoint.sh"
-    out = run("sh", script, "sh", "-c", 'echo "ran $0"', "cmd", env=env)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ran cmd"            # the command is exec'd after seeding
+    procs = [subprocess.Popen(["sh", str(script), "sh", "-c", 'echo "ran $0"', f"cmd{i}"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(3)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    assert [o[0].strip() for o in outs] == ["ran cmd0", "ran cmd1", "ran cmd2"]  # exec'd after seeding
     seeded, seed = Bundle(volume), Bundle(digits_vit_badnets)
     assert seeded.current_id() == seed.current_id()
     assert seeded.version_ids() == seed.version_ids()

@@ -57,7 +57,6 @@ def served_samples(url: str) -> float:
 def test_dashboard_patch_rate_equals_the_request_mix(proxy_server, prometheus, deploy_bundle):
     from repair.bundle import Bundle
 
-    has_detector = Bundle(deploy_bundle).version().has("detector")
     warm = images(deploy_bundle, WARMUP, WARMUP, offset=0)
     mix = images(deploy_bundle, N_CLEAN, N_TRIGGERED, offset=WARMUP)
     random.Random(0).shuffle(mix)
@@ -91,14 +90,14 @@ def test_dashboard_patch_rate_equals_the_request_mix(proxy_server, prometheus, d
     value = prometheus.scalar(grafana_to_promql(dashboard_patch_rate(), rate_interval=window), at=t1)
     assert value is not None and abs(value - expected) <= 0.02, (value, expected, window)
 
-    if has_detector:
-        # The detector separates the mix: triggered samples patched, clean ones left alone,
-        # so the dashboard shows (about) the triggered share of the traffic.
-        triggered = [p for p, (_, t) in zip(patched, mix) if t]
-        clean = [p for p, (_, t) in zip(patched, mix) if not t]
-        assert sum(triggered) >= 0.8 * len(triggered) and sum(clean) <= 0.1 * len(clean)
-        assert abs(value - N_TRIGGERED / len(mix)) <= 0.1
-        # and the patch-rate alert rule, loaded by this Prometheus, has noticed
-        alerts = json.loads(http_get(prometheus.url + "/api/v1/alerts")[1])["data"]["alerts"]
-        states = {a["labels"]["alertname"]: a["state"] for a in alerts}
-        assert states.get("RepairPatchRateSpike") in ("pending", "firing"), states
+    assert Bundle(deploy_bundle).version().has("detector")
+    # The detector separates the mix (triggered samples patched, clean ones left alone), so the
+    # dashboard shows about the triggered share of the traffic.
+    triggered = [p for p, (_, t) in zip(patched, mix) if t]
+    clean = [p for p, (_, t) in zip(patched, mix) if not t]
+    assert sum(triggered) >= 0.8 * len(triggered) and sum(clean) <= 0.1 * len(clean), (triggered, clean)
+    assert abs(value - N_TRIGGERED / len(mix)) <= 0.1
+    # and the patch-rate alert rule, loaded by this Prometheus, has noticed
+    alerts = json.loads(http_get(prometheus.url + "/api/v1/alerts")[1])["data"]["alerts"]
+    states = {a["labels"]["alertname"]: a["state"] for a in alerts}
+    assert states.get("RepairPatchRateSpike") in ("pending", "firing"), states

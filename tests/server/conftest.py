@@ -47,3 +47,10 @@ def tabular_bundle(tmp_path_factory) -> Path:
                                "metrics": {}, "provenance": {"created_by": "tests"}},
                               {"model": state_dict_for_saving(model)})
     return out
+
+
+@pytest.fixture(scope="module")
+def atpatch_bundle(request) -> Path:
+    """The shared BadNets digits ViT with its AtPatch detector (read-only: served, never written)."""
+    import os  # DEV-ONLY
+    return Path(os.environ["DEVDET"]) if "DEVDET" in os.environ else request.getfixturevalue("digits_vit_badnets_atpatch")

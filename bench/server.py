@@ -1,0 +1,226 @@
+"""Server latency/throughput benchmark: a real load generator against a real ``repair-proxy serve``.
+
+Closed loop: C connections (keep-alive, raw HTTP/1.1 over asyncio streams, so the client adds
+as little as possible) each send ``POST /predict`` with one base64 PNG back to back for a fixed
+time; latency is measured per request from the first byte sent to the last byte received.
+Configurations: repair off (``?patch=off``) and on (``?patch=on``, clean and triggered input),
+at concurrency 1 and 32, against the bare model call (in-process ``model(x)`` /
+``AtPatch(x, "on")`` on the already-decoded tensor, same thread count). Server overhead at
+concurrency 1 = server p50 − bare p50.
+
+    .venv/bin/python bench/server.py --bundle BUNDLE [--seconds 10] [--threads 1] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def summarize(lat: list[float], wall: float, errors: int = 0) -> dict:
+    return {"n": len(lat), "errors": errors, "p50_ms": round(percentile(lat, 50) * 1e3, 3),
+            "p99_ms": round(percentile(lat, 99) * 1e3, 3), "mean_ms": round(statistics.fmean(lat) * 1e3, 3),
+            "throughput_rps": round(len(lat) / wall, 1)}
+
+
+# -- bare model call ------------------------------------------------------------------------------
+
+def bare(bundle: str, x_clean: torch.Tensor, x_trig: torch.Tensor, device: str, seconds: float) -> dict:
+    from repair.bundle import Bundle
+    from server.runtime import Served, resolve_device
+
+    served = Served(Bundle(bundle).version(), resolve_device(device), max_batch_size=1)
+    out = {}
+
+    def timed(fn, x):
+        x = x.to(served.device)
+        for _ in range(50):
+            fn(x)
+        lat, end = [], time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            fn(x)
+            lat.append(time.perf_counter() - t0)
+        return summarize(lat, seconds)
+
+    def plain(x):  # model(x) + the one host sync of the server
+        with torch.inference_mode():
+            return torch.softmax(served.model(x), -1).cpu()
+
+    out["off"] = timed(plain, x_clean)
+    if served.patcher is not None:
+        def patched(x):
+            with torch.inference_mode():
+                return torch.softmax(served.patcher(x, "on").logits, -1).cpu()
+        out["on"] = timed(patched, x_clean)
+        out["on_triggered"] = timed(patched, x_trig)
+    served.close()
+    return out
+
+
+# -- load generator -------------------------------------------------------------------------------
+
+async def _client(host, port, request: bytes, stop_at: float, lat: list, errs: list):
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            writer.write(request)
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            lat.append(time.perf_counter() - t0)
+            if status != 200:
+                errs.append(status)
+    finally:
+        writer.close()
+
+
+def load(host: str, port: int, path: str, body: bytes, concurrency: int, seconds: float,
+         warmup: float = 1.0) -> dict:
+    request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    async def run(duration):
+        lat, errs = [], []
+        stop_at = time.perf_counter() + duration
+        started = time.perf_counter()
+        await asyncio.gather(*(_client(host, port, request, stop_at, lat, errs) for _ in range(concurrency)))
+        return lat, errs, time.perf_counter() - started
+
+    asyncio.run(run(warmup))
+    lat, errs, wall = asyncio.run(run(seconds))
+    return summarize(lat, wall, len(errs))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", required=True, help="a vision bundle with an AtPatch detector")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (server and bare)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "server"))
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+
+    from offline.datasets import load_dataset
+    from offline.defects import Trigger
+    from repair.bundle import Bundle
+    from repair.images import encode_png, quantize
+
+    version = Bundle(a.bundle).version()
+    data = load_dataset(version.manifest["dataset"]["name"])
+    x = quantize(data.x_test[:1])
+    trig = quantize(Trigger.from_tensors(version.tensors("defect")).apply(x)) if version.has("defect") else x
+    bodies = {name: json.dumps({"images": [base64.b64encode(encode_png(t[0])).decode()]}).encode()
+              for name, t in (("clean", x), ("triggered", trig))}
+
+    results = {"command": " ".join([".venv/bin/python", "bench/server.py", *sys.argv[1:]]),
+               "bundle_version": version.id, "device": a.device, "threads": a.threads,
+               "seconds_per_point": a.seconds, "cpu": platform.processor() or platform.machine(),
+               "cores": os.cpu_count(), "bare": bare(a.bundle, x, trig, a.device, a.seconds), "server": {}}
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "REPAIR_TOKEN": "bench"}
+    server = subprocess.Popen([sys.executable, "-c", "from repair_proxy_cli import main; main()", "serve",
+                               "--bundle", a.bundle, "--port", str(port), "--device", a.device],
+                              env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        import httpx
+
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        points = [("off", "clean", 1), ("on", "clean", 1), ("on", "triggered", 1),
+                  ("off", "clean", 32), ("on", "clean", 32), ("on", "triggered", 32)]
+        for mode, payload, c in points:
+            key = f"{mode}_{payload}_c{c}"
+            results["server"][key] = load("127.0.0.1", port, f"/predict?patch={mode}", bodies[payload], c, a.seconds)
+            print(key, results["server"][key], flush=True)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    s, b = results["server"], results["bare"]
+    results["overhead_c1_p50_ms"] = {
+        "off": round(s["off_clean_c1"]["p50_ms"] - b["off"]["p50_ms"], 3),
+        **({"on": round(s["on_clean_c1"]["p50_ms"] - b["on"]["p50_ms"], 3),
+            "on_triggered": round(s["on_triggered_c1"]["p50_ms"] - b["on_triggered"]["p50_ms"], 3)}
+           if "on" in b else {})}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    write_markdown(results, out.with_suffix(".md"))
+    plot(results, out.with_suffix(".png"))
+    print(json.dumps(results["overhead_c1_p50_ms"]))
+
+
+def write_markdown(r: dict, path: Path) -> None:
+    lines = [f"# Server benchmark ({r['device']}, {r['threads']} torch thread(s), {r['cores']} cores shared)", "",
+             f"Command: `{r['command']}`", "",
+             "| configuration | p50 ms | p99 ms | throughput req/s | errors |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, v in r["bare"].items():
+        lines.append(f"| bare model call, repair {name} (in-process, batch 1) | {v['p50_ms']} | {v['p99_ms']} | {v['throughput_rps']} | 0 |")
+    for name, v in r["server"].items():
+        lines.append(f"| server {name} | {v['p50_ms']} | {v['p99_ms']} | {v['throughput_rps']} | {v['errors']} |")
+    lines += ["", "Server overhead at concurrency 1 (server p50 − bare p50, ms): "
+              + ", ".join(f"{k} {v}" for k, v in r["overhead_c1_p50_ms"].items()) + " (target ≤ 2 ms).", ""]
+    path.write_text("\n".join(lines))
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"bare {k}" for k in r["bare"]] + list(r["server"])
+    rows = list(r["bare"].values()) + list(r["server"].values())
+    fig, ax = plt.subplots(figsize=(10, 4))
+    xs = range(len(names))
+    ax.bar([i - 0.2 for i in xs], [v["p50_ms"] for v in rows], 0.4, label="p50")
+    ax.bar([i + 0.2 for i in xs], [v["p99_ms"] for v in rows], 0.4, label="p99")
+    ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title(f"/predict latency, {r['device']}, {r['threads']} thread(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Detector pieces on synthetic data: strict metrics (§4.2.2), training (Eq. 7-8), MAD (NC), Q (Eq. 10)."""
+from __future__ import annotations
+
+import torch
+
+from repair.atpatch.benign import benign_columns
+from repair.atpatch.detector import (Detector, contrastive_loss, detect_maps, strict_metrics,
+                                     train_detector)
+from repair.atpatch.trigger_inversion import mad_anomaly_index
+
+
+def test_strict_metrics_count_exact_maps_only():
+    truth = torch.tensor([[0, 1, 0], [0, 1, 1], [0, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    flags = torch.tensor([[0, 1, 0], [0, 1, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    m = strict_metrics(flags, truth)
+    assert (m["tp"], m["fn"], m["tn"], m["fp"]) == (1, 1, 1, 1)  # missing one column is an FN
+    assert m["precision"] == 0.5 and m["fnr"] == 0.5 and m["fpr"] == 0.5
+
+
+def test_mad_picks_the_small_outlier():
+    norms = torch.tensor([30.0, 28.0, 31.0, 4.0, 29.0, 33.0, 27.0, 30.0, 32.0, 29.0])
+    index = mad_anomaly_index(norms)
+    assert int(index.argmax()) == 3 and index[3] > 2
+
+
+def test_contrastive_loss_prefers_separated_features():
+    labels = torch.tensor([0., 0., 1., 1.])
+    pos = torch.tensor([1, 0, 3, 2])
+    apart = torch.tensor([[1., 0.], [1., 0.1], [0., 1.], [0.1, 1.]])
+    mixed = torch.tensor([[1., 0.], [0., 1.], [1., 0.1], [0.1, 1.]])
+    assert contrastive_loss(apart, labels, pos) < contrastive_loss(mixed, labels, pos)
+
+
+def _synthetic(m=96, n=9, seed=0):
+    """Two layers; defective maps over-attend column 4 in layer 0 only."""
+    g = torch.Generator().manual_seed(seed)
+    clean = [torch.randn(m, n, n, generator=g).softmax(-1) for _ in range(2)]
+    bad = [c.clone() for c in clean]
+    logits = torch.randn(m, n, n, generator=g)
+    logits[..., 4] += 4.0
+    bad[0] = logits.softmax(-1)
+    maps = [torch.cat([c, b]) for c, b in zip(clean, bad)]
+    labels = [torch.zeros(2 * m, n), torch.zeros(2 * m, n)]
+    labels[0][m:, 4] = 1
+    partner = torch.cat([torch.arange(m) + m, torch.arange(m)])
+    return maps, labels, partner
+
+
+def test_detector_learns_over_attended_column_and_fast_path_matches():
+    maps, labels, partner = _synthetic()
+    det, history = train_detector(maps, labels, partner, epochs=15, lr=3e-3, progress=False)
+    assert history[-1] < history[0]
+    test_maps, test_labels, _ = _synthetic(seed=1)
+    flags = detect_maps(det, test_maps, 0.1)
+    m = strict_metrics(torch.cat(flags), torch.cat(test_labels))
+    assert m["fnr"] <= 0.05 and m["fpr"] <= 0.1
+    # the folded hot-path (heads as conv channels) equals Eq. 5 + the Detector
+    det.prepare(num_heads=3)
+    heads = torch.stack([test_maps[0][:8]] * 3, 1)
+    assert torch.allclose(det.logits_from_heads(heads, 0), det(test_maps[0][:8], 0), atol=1e-4)
+
+
+def test_detector_round_trips_through_config():
+    det = Detector(3, 17)
+    again = Detector.from_config(det.config(), det.state_dict())
+    x = torch.rand(2, 17, 17).softmax(-1)
+    assert torch.equal(det(x, 1), again(x, 1))
+
+
+def test_benign_columns_are_the_clean_mean():
+    maps = [torch.rand(10, 3, 4), torch.rand(10, 1, 4)]
+    q = benign_columns(maps)
+    assert torch.allclose(q[0], maps[0].mean(0)) and q[1].shape == (1, 4)

@@ -1,0 +1,136 @@
+"""Micro-batching: grouping, size cap, per-request slices, errors, drain on stop."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from server.batching import MicroBatcher
+
+
+class Rows:
+    def __init__(self, t):
+        self.t = t
+
+    def __len__(self):
+        return len(self.t)
+
+    def slice(self, a, b):
+        return Rows(self.t[a:b])
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_queued_requests_share_calls_up_to_the_cap_and_get_their_own_rows():
+    calls = []
+
+    def runner(served, mode, x):
+        calls.append((served, mode, len(x)))
+        return Rows(x * 10)
+
+    async def main():
+        b = MicroBatcher(runner, max_batch_size=8)
+        await b.start()
+        inputs = [torch.full((n, 1), float(i)) for i, n in enumerate([3, 2, 4, 1, 5])]
+        # All submitted before the consumer runs: it sees them queued together.
+        results = await asyncio.gather(*(b.submit("m", "on", x) for x in inputs))
+        await b.stop()
+        return inputs, results
+
+    inputs, results = run(main())
+    for x, (rows, timing) in zip(inputs, results):
+        assert torch.equal(rows.t, x * 10)
+        assert timing.batch_size <= 8
+    # 3+2 (+4 would exceed 8) | 4+1 | 5
+    assert [c[2] for c in calls] == [5, 5, 5]
+
+
+def test_versions_and_modes_never_share_a_call():
+    calls = []
+
+    def runner(served, mode, x):
+        calls.append((served, mode, x[:, 0].tolist()))
+        return Rows(x)
+
+    async def main():
+        b = MicroBatcher(runner, max_batch_size=32)
+        await b.start()
+        jobs = [("v1", "on", 1.0), ("v2", "on", 2.0), ("v1", "off", 3.0), ("v1", "on", 4.0)]
+        await asyncio.gather(*(b.submit(s, m, torch.tensor([[v]])) for s, m, v in jobs))
+        await b.stop()
+
+    run(main())
+    assert sorted(calls) == sorted([("v1", "on", [1.0, 4.0]), ("v2", "on", [2.0]), ("v1", "off", [3.0])])
+
+
+def test_a_failing_batch_fails_only_its_requests():
+    def runner(served, mode, x):
+        if mode == "bad":
+            raise ValueError("boom")
+        return Rows(x)
+
+    async def main():
+        b = MicroBatcher(runner, max_batch_size=4)
+        await b.start()
+        out = await asyncio.gather(b.submit("m", "bad", torch.zeros(1, 1)),
+                                   b.submit("m", "on", torch.ones(1, 1)), return_exceptions=True)
+        await b.stop()
+        return out
+
+    bad, good = run(main())
+    assert isinstance(bad, ValueError) and "boom" in str(bad)
+    assert torch.equal(good[0].t, torch.ones(1, 1))
+
+
+def test_max_wait_gathers_late_arrivals_and_stop_drains():
+    sizes = []
+
+    def runner(served, mode, x):
+        sizes.append(len(x))
+        return Rows(x)
+
+    async def main():
+        b = MicroBatcher(runner, max_batch_size=16, max_wait_ms=200)
+        await b.start()
+        first = asyncio.ensure_future(b.submit("m", "on", torch.zeros(1, 1)))
+        await asyncio.sleep(0.02)  # arrives inside the first request's wait window
+        second = asyncio.ensure_future(b.submit("m", "on", torch.zeros(2, 1)))
+        await asyncio.gather(first, second)
+        tail = [asyncio.ensure_future(b.submit("m", "on", torch.zeros(1, 1))) for _ in range(3)]
+        await asyncio.sleep(0)
+        await b.stop()  # queued work still runs
+        return [t.result()[0] for t in tail]
+
+    tail = run(main())
+    assert sizes[0] == 3 and sum(sizes) == 6 and len(tail) == 3
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="batch size"):
+        MicroBatcher(lambda *a: None, max_batch_size=0)
+    with pytest.raises(ValueError, match="wait"):
+        MicroBatcher(lambda *a: None, max_wait_ms=-1)
+
+
+def test_batched_forward_equals_unbatched(digits_data, tmp_path):
+    """The real model: one batch of 16 vs 16 single calls: same labels, probabilities to 1e-6."""
+    from repair.bundle import Bundle, state_dict_for_saving
+    from repair.models import build_model
+    from server.runtime import Served
+
+    spec = {"arch": "vit", "img_size": 16, "in_chans": 1, "num_classes": 10, "patch_size": 4,
+            "embed_dim": 64, "depth": 3, "num_heads": 4, "mlp_ratio": 2.0}
+    torch.manual_seed(0)
+    v = Bundle(tmp_path / "b").write_version(
+        {"kind": "vision", "architecture": spec, "labels": [str(i) for i in range(10)],
+         "preprocessing": {"kind": "image", "channels": 1, "height": 16, "width": 16}},
+        {"model": state_dict_for_saving(build_model(spec))})
+    served = Served(v, torch.device("cpu"), max_batch_size=16, warmup=False)
+    x = digits_data.x_test[:16]
+    batch = served.forward(x, "on").probabilities
+    single = torch.cat([served.forward(x[i:i + 1], "on").probabilities for i in range(16)])
+    assert torch.equal(batch.argmax(-1), single.argmax(-1))
+    assert torch.allclose(batch, single, atol=1e-6, rtol=0)
