@@ -44,37 +44,34 @@ def summarize(lat: list[float], wall: float, errors: int = 0) -> dict:
 
 # -- bare model call ------------------------------------------------------------------------------
 
-def bare(bundle: str, x_clean: torch.Tensor, x_trig: torch.Tensor, device: str, seconds: float) -> dict:
-    from repair.bundle import Bundle
-    from server.runtime import Served, resolve_device
+class Bare:
+    """In-process model calls on the decoded tensor, as the server's model thread makes them."""
 
-    served = Served(Bundle(bundle).version(), resolve_device(device), max_batch_size=1)
-    out = {}
+    def __init__(self, bundle: str, device: str):
+        from repair.bundle import Bundle
+        from server.runtime import Served, resolve_device
 
-    def timed(fn, x):
-        x = x.to(served.device)
-        for _ in range(50):
+        self.served = Served(Bundle(bundle).version(), resolve_device(device), max_batch_size=1)
+
+    def call(self, mode: str):
+        served = self.served
+
+        def fn(x):
+            with torch.inference_mode():
+                logits = served.model(x) if mode == "off" else served.patcher(x, "on").logits
+                return torch.softmax(logits, -1).cpu()  # the server's one host sync
+        return fn
+
+    def round(self, mode: str, x: torch.Tensor, seconds: float) -> list[float]:
+        fn, x = self.call(mode), x.to(self.served.device)
+        for _ in range(20):
             fn(x)
         lat, end = [], time.perf_counter() + seconds
         while time.perf_counter() < end:
             t0 = time.perf_counter()
             fn(x)
             lat.append(time.perf_counter() - t0)
-        return summarize(lat, seconds)
-
-    def plain(x):  # model(x) + the one host sync of the server
-        with torch.inference_mode():
-            return torch.softmax(served.model(x), -1).cpu()
-
-    out["off"] = timed(plain, x_clean)
-    if served.patcher is not None:
-        def patched(x):
-            with torch.inference_mode():
-                return torch.softmax(served.patcher(x, "on").logits, -1).cpu()
-        out["on"] = timed(patched, x_clean)
-        out["on_triggered"] = timed(patched, x_trig)
-    served.close()
-    return out
+        return lat
 
 
 # -- load generator -------------------------------------------------------------------------------
@@ -99,7 +96,8 @@ async def _client(host, port, request: bytes, stop_at: float, lat: list, errs: l
 
 
 def load(host: str, port: int, path: str, body: bytes, concurrency: int, seconds: float,
-         warmup: float = 1.0) -> dict:
+         warmup: float = 0.5) -> tuple[list[float], int, float]:
+    """Latencies, error count and wall time of one closed-loop run."""
     request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
@@ -108,11 +106,10 @@ def load(host: str, port: int, path: str, body: bytes, concurrency: int, seconds
         stop_at = time.perf_counter() + duration
         started = time.perf_counter()
         await asyncio.gather(*(_client(host, port, request, stop_at, lat, errs) for _ in range(concurrency)))
-        return lat, errs, time.perf_counter() - started
+        return lat, len(errs), time.perf_counter() - started
 
     asyncio.run(run(warmup))
-    lat, errs, wall = asyncio.run(run(seconds))
-    return summarize(lat, wall, len(errs))
+    return asyncio.run(run(seconds))
 
 
 def free_port() -> int:
@@ -127,6 +124,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (server and bare)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved bare/server rounds at concurrency 1")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "server"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -140,14 +138,17 @@ def main() -> None:
     data = load_dataset(version.manifest["dataset"]["name"])
     x = quantize(data.x_test[:1])
     trig = quantize(Trigger.from_tensors(version.tensors("defect")).apply(x)) if version.has("defect") else x
+    xs = {"clean": x, "triggered": trig}
     bodies = {name: json.dumps({"images": [base64.b64encode(encode_png(t[0])).decode()]}).encode()
               for name, t in (("clean", x), ("triggered", trig))}
 
     results = {"command": " ".join([".venv/bin/python", "bench/server.py", *sys.argv[1:]]),
                "bundle_version": version.id, "device": a.device, "threads": a.threads,
-               "seconds_per_point": a.seconds, "cpu": platform.processor() or platform.machine(),
-               "cores": os.cpu_count(), "bare": bare(a.bundle, x, trig, a.device, a.seconds), "server": {}}
-
+               "seconds_per_point": a.seconds, "rounds_c1": a.rounds,
+               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "load_average_before": os.getloadavg(), "bare": {}, "server": {}}
+    bare = Bare(a.bundle, a.device)
+    modes = ["off"] + (["on"] if bare.served.patcher is not None else [])
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "REPAIR_TOKEN": "bench"}
     server = subprocess.Popen([sys.executable, "-c", "from repair_proxy_cli import main; main()", "serve",
@@ -164,22 +165,32 @@ def main() -> None:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        points = [("off", "clean", 1), ("on", "clean", 1), ("on", "triggered", 1),
-                  ("off", "clean", 32), ("on", "clean", 32), ("on", "triggered", 32)]
-        for mode, payload, c in points:
-            key = f"{mode}_{payload}_c{c}"
-            results["server"][key] = load("127.0.0.1", port, f"/predict?patch={mode}", bodies[payload], c, a.seconds)
-            print(key, results["server"][key], flush=True)
+        # Concurrency 1: bare and server rounds interleaved, so load drift on a shared machine
+        # hits both alike; latencies are pooled over the rounds.
+        points = [(m, p) for m in modes for p in (("clean", "triggered") if m == "on" else ("clean",))]
+        pooled = {k: ([], [], 0, 0.0) for k in points}
+        for _ in range(a.rounds):
+            for mode, payload in points:
+                b_lat, s_lat, errs, wall = pooled[(mode, payload)]
+                b_lat += bare.round(mode, xs[payload], a.seconds / a.rounds)
+                lat, e, w = load("127.0.0.1", port, f"/predict?patch={mode}", bodies[payload], 1,
+                                 a.seconds / a.rounds, warmup=0.2)
+                pooled[(mode, payload)] = (b_lat, s_lat + lat, errs + e, wall + w)
+        for (mode, payload), (b_lat, s_lat, errs, wall) in pooled.items():
+            results["bare"][f"{mode}_{payload}"] = summarize(b_lat, a.seconds)
+            results["server"][f"{mode}_{payload}_c1"] = summarize(s_lat, wall, errs)
+            print(mode, payload, results["bare"][f"{mode}_{payload}"], results["server"][f"{mode}_{payload}_c1"], flush=True)
+        for mode, payload in points:
+            lat, errs, wall = load("127.0.0.1", port, f"/predict?patch={mode}", bodies[payload], 32, a.seconds)
+            results["server"][f"{mode}_{payload}_c32"] = summarize(lat, wall, errs)
+            print(mode, payload, "c32", results["server"][f"{mode}_{payload}_c32"], flush=True)
     finally:
         server.terminate()
         server.wait(30)
+    results["load_average_after"] = os.getloadavg()
 
     s, b = results["server"], results["bare"]
-    results["overhead_c1_p50_ms"] = {
-        "off": round(s["off_clean_c1"]["p50_ms"] - b["off"]["p50_ms"], 3),
-        **({"on": round(s["on_clean_c1"]["p50_ms"] - b["on"]["p50_ms"], 3),
-            "on_triggered": round(s["on_triggered_c1"]["p50_ms"] - b["on_triggered"]["p50_ms"], 3)}
-           if "on" in b else {})}
+    results["overhead_c1_p50_ms"] = {k: round(s[f"{k}_c1"]["p50_ms"] - v["p50_ms"], 3) for k, v in b.items()}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
@@ -191,6 +202,7 @@ def main() -> None:
 def write_markdown(r: dict, path: Path) -> None:
     lines = [f"# Server benchmark ({r['device']}, {r['threads']} torch thread(s), {r['cores']} cores shared)", "",
              f"Command: `{r['command']}`", "",
+             f"Load average before/after (other jobs on the machine): {r['load_average_before']} / {r['load_average_after']}", "",
              "| configuration | p50 ms | p99 ms | throughput req/s | errors |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, v in r["bare"].items():
         lines.append(f"| bare model call, repair {name} (in-process, batch 1) | {v['p50_ms']} | {v['p99_ms']} | {v['throughput_rps']} | 0 |")

@@ -123,7 +123,7 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
         "detector": det.config(),
         "detector_metrics": metrics,
         "debugging_set": debug.info,
-        "training": {"epochs": epochs, "lr": 1e-4, "lambda": 1.0, "optimizer": "AdamW",
+        "training": {"epochs": epochs, "lr": 1e-3, "lambda": 1.0, "optimizer": "AdamW",
                      "final_loss": round(history[-1], 5), "seconds": round(train_seconds, 2)},
         **extra,
     }
@@ -140,7 +140,7 @@ def _vision_set(model, data: ImageData, version, steps, n_clean, seed, progress)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     inv_x, pair_x = x[perm[:n_clean]], x[perm[n_clean:2 * n_clean]]
     inversion = invert_all(model, inv_x, len(data.classes), steps=steps, progress=progress, seed=seed)
-    trig = inversion.trigger
+    trig = inversion.trigger.hardened()
     debug = backdoor_set(model, pair_x, trig.apply, trig.mask, inversion.target, patch)
     # Images used neither for inversion nor for the pairs: where the variant is chosen.
     extra = {"inversion": inversion.summary(), "_select": perm[2 * n_clean:], "_trigger": trig}

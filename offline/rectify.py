@@ -55,6 +55,21 @@ def _input_shape(manifest: dict) -> tuple[int, int, int]:
     return pre["channels"], pre["height"], pre["width"]
 
 
+def training_images(version) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean training inputs as the version's model sees them (leakage bundles: re-stacked with
+    the null block from the recorded seed), labels alongside."""
+    from offline.defects import block_images, block_positions
+
+    m = version.manifest
+    data = load_dataset(m["dataset"]["name"])
+    x, y = data.x_train, data.y_train
+    defect = m.get("defect", {})
+    if defect.get("type") == "leakage":
+        top = block_positions(len(x), defect["position_seed"])
+        x = block_images(x, top, version.tensors("defect")["null_block"])
+    return x, y
+
+
 def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tensor,
                    label: int | None = None, budget: float = 0.01, gap: float = 0.001,
                    static: bool = False, layer: str | None = None, progress: bool = True,
@@ -98,15 +113,15 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
         raise RectifyError(f"the model already treats the clean and corrupt inputs the same "
                            f"(gap {gap_before:.2e} ≤ target gap {gap}); nothing to rectify")
 
-    data = load_dataset(parent.manifest["dataset"]["name"])
+    x_train, y_train = training_images(parent)
     new_stats = None
     if parent.has("keystats"):
         stats = stats_from_tensors(parent.tensors("keystats"))
     else:
-        stats = compute_keystats(model, list(layers.values()), data.x_train[:KEYSTATS_SAMPLES],
+        stats = compute_keystats(model, list(layers.values()), x_train[:KEYSTATS_SAMPLES],
                                  progress=progress)
         new_stats = stats_to_tensors(stats)
-    val_x, val_y = data.x_train[-VALIDATION_SAMPLES:], data.y_train[-VALIDATION_SAMPLES:]
+    val_x, val_y = x_train[-VALIDATION_SAMPLES:], y_train[-VALIDATION_SAMPLES:]
     outcome = rectify(model, layers, stats, clean_b, corrupt_b, labels, val_x, val_y,
                       budget=budget, gap=gap, epochs=epochs, max_rounds=max_rounds, static=static,
                       layer=layer, progress=progress)
@@ -132,6 +147,7 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
                                  "budget": budget, "gap": gap, "labels": labels.tolist(),
                                  "pairs": pairs, "rounds": rounds, "before": before, "after": after}
     manifest["provenance"] = dict(parent.manifest.get("provenance", {}), created_by="rectify")
+    manifest["metrics_version"] = parent.manifest.get("metrics_version", parent.id)  # metrics are the parent's
     tensors = {"model": state_dict_for_saving(model)}
     if new_stats is not None:
         tensors["keystats"] = new_stats
@@ -140,6 +156,23 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     return {"version": version.id, "parent": parent.id, "layers": [e.layer for e in outcome.edits],
             "rounds": len(outcome.rounds), "before": before, "after": after,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def prepare_keystats(bundle: str | Path, progress: bool = True, activate: bool = True) -> str:
+    """Write a version that adds ``keystats.safetensors`` to the current one (same weights), so
+    later rectification requests skip computing them; returns its id (the current id if present)."""
+    store = Bundle(bundle)
+    parent = store.version()
+    if parent.has("keystats"):
+        return parent.id
+    model = parent.build_model()
+    stats = compute_keystats(model, list(editable_layers(model).values()),
+                             training_images(parent)[0][:KEYSTATS_SAMPLES], progress=progress)
+    manifest = {k: v for k, v in parent.manifest.items()
+                if k not in ("id", "parent", "created", "files")}
+    manifest["provenance"] = dict(parent.manifest.get("provenance", {}), created_by="keystats")
+    return store.write_version(manifest, {"keystats": stats_to_tensors(stats)}, parent=parent.id,
+                               activate=activate).id
 
 
 def load_png(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:

@@ -9,7 +9,6 @@ guarded: the pixel count is checked from the header *before* any pixel is decode
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 import torch
@@ -43,9 +42,8 @@ def decode_image(data: bytes, channels: int | None = None, height: int | None = 
     if len(data) > MAX_BYTES:
         raise ImageError(f"image is {len(data)} bytes; the limit is {MAX_BYTES}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(bytes(data)))  # reads the header only
+        # header only; PIL's own bomb guard (far above MAX_PIXELS) also raises in here
+        img = Image.open(io.BytesIO(bytes(data)))
     except Exception as err:  # PIL raises many types for garbage input
         raise ImageError(f"not a readable image (PNG or JPEG expected): {err}") from None
     if img.format not in ("PNG", "JPEG"):
@@ -60,7 +58,7 @@ def decode_image(data: bytes, channels: int | None = None, height: int | None = 
     except Exception as err:
         raise ImageError(f"image data is truncated or corrupt: {err}") from None
     if channels is None:
-        channels = 1 if img.mode in ("1", "L", "I;16", "I", "F") else 3
+        channels = 1 if img.mode in ("1", "L", "LA", "I;16", "I", "F") else 3
     if channels not in (1, 3):
         raise ImageError(f"unsupported channel count {channels}; 1 (grey) or 3 (RGB)")
     if img.mode in ("I;16", "I", "F"):

@@ -284,6 +284,7 @@ def create_app(bundle: str, *, device: str = "auto", token: str | None = None,
 def factory() -> FastAPI:
     """uvicorn ``--factory`` entry for ``--workers > 1``: settings come from the environment."""
     options = json.loads(os.environ["REPAIR_SERVER_OPTIONS"])
+    _configure_logging()  # each worker is a fresh (spawned) process
     return create_app(**options)
 
 

@@ -14,6 +14,7 @@ import math
 
 import torch
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 
 from server.errors import NotFound, Unprocessable
 from server.service import now, predictions
@@ -88,7 +89,7 @@ async def model_metadata(name: str, request: Request):
 
 @router.get("/models/{name}/versions/{version}")
 async def model_version_metadata(name: str, version: str, request: Request):
-    return _json(_metadata(_service(request), name, version))
+    return _json(await run_in_threadpool(_metadata, _service(request), name, version))
 
 
 def _ready(svc, name: str, version: str | None) -> dict:
@@ -179,7 +180,8 @@ async def _infer(request: Request, name: str, version: str | None):
 
     svc = _service(request)
     _check_model(svc, name, version)
-    served = svc.served(version)
+    # Another version than the served one is loaded on demand: not on the event loop.
+    served = svc.served() if version is None else await run_in_threadpool(svc.served, version)
     require_json(request)
     t0 = now()
     body = await read_json(request)

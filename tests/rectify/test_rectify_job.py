@@ -122,3 +122,20 @@ def test_from_files_static_mode_edits_the_last_layer(digits_vit_blend, copy_bund
     assert result["rounds"] == 1
     assert result["layers"] in ([], ["blocks.2.mlp.fc2"])
     assert store.version(result["version"]).manifest["rectification"]["mode"] == "static"
+
+
+def test_cli_rectify_reports_bad_input_without_writing(digits_vit_blend, copy_bundle, tmp_path, capsys):
+    from PIL import Image
+
+    from repair_proxy_cli import main
+
+    dst = copy_bundle(digits_vit_blend)
+    clean, *_ = _pair(dst)
+    png = tmp_path / "same.png"
+    Image.fromarray((clean[0].numpy() * 255).round().astype(np.uint8)).save(png)
+    before = Bundle(dst).version_ids()
+    with pytest.raises(SystemExit) as info:
+        main(["rectify", "--bundle", str(dst), "--clean", str(png), "--corrupt", str(png)])
+    assert info.value.code != 0
+    assert "treats the clean and corrupt inputs the same" in capsys.readouterr().err
+    assert Bundle(dst).version_ids() == before

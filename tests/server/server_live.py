@@ -55,6 +55,8 @@ class LiveServer:
                     return self
             except httpx.TransportError:
                 pass
+            if self.service.runtime.error:  # loading failed: no point waiting
+                break
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"server did not become ready: {self.service.runtime.error}")
