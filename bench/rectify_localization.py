@@ -2,7 +2,7 @@
 
 For each (model, pair): rank the editable layers by ``Ĝ_l`` (§5.1; per-layer Captum passes, the
 default, and the one-pass joint list), then edit every layer in turn with one rank-one edit
-(n = 1, Eq. 1) and rank the layers by ASR + OA drop on the test split. Recall@k: share of
+(n = 1, Eq. 1, 300 Adam steps as in the dynamic loop) and rank the layers by ASR + OA drop on the test split. Recall@k: share of
 cases whose best layer by editing is among the k layers ranked highest by ``Ĝ``.
 
     .venv/bin/python bench/rectify_localization.py --arch vit --arch resnet18 --trials 5
@@ -42,7 +42,7 @@ def main():
             edited = {}
             for layer in layer_list:
                 setup.reset()
-                rank_one_edit(setup.model, layer, setup.stats[layer.name], clean, corrupt)
+                rank_one_edit(setup.model, layer, setup.stats[layer.name], clean, corrupt, steps=300)
                 ev = setup.evaluate()
                 edited[layer.name] = {"asr": ev["asr"], "oa_drop": setup.base["oa"] - ev["oa"]}
             truth = sorted(edited, key=lambda n: edited[n]["asr"] + max(0.0, edited[n]["oa_drop"]))

@@ -1,6 +1,6 @@
 """Where to read the value v* (layers.py docstring): layer output vs block output vs logits.
 
-One rank-one edit (n = 1) of each listed layer of the digits ViT Blend model with ``value`` =
+One rank-one edit (n = 1, 100 Adam steps) of each listed layer of the digits ViT Blend model with ``value`` =
 ``layer`` / ``block`` / ``logits``; OA and ASR on the test split.
 
     .venv/bin/python bench/rectify_value_point.py

@@ -74,6 +74,9 @@ def write(rows: list[dict], command: str, threads: int) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# Zoo benchmark", "", f"Machine: {result['machine']}; torch {result['torch']}.", "",
+             "Times are wall-clock seconds of training on one torch thread while four other jobs "
+             "shared the 2 cores (load average ~10), so they overstate the cost on an idle machine "
+             "several-fold. Accuracy and ASR are on the full test sets (10000 / 16281 / 1235 rows).", "",
              "| model | train rows | epochs | accuracy | ASR | UF | train s | floors met |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:

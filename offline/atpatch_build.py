@@ -103,13 +103,13 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
     n_pairs = int(debug.clean.sum())
     train_idx, held_idx = _split(n_pairs, 0.2, seed)
     train, held = _subset(debug, train_idx), _subset(debug, held_idx)
+    benign = benign_columns(train.clean_maps())
     t0 = time.perf_counter()
-    det, history = train_detector(train.maps, train.labels, train.partner, epochs=epochs, seed=seed,
-                                  progress=progress)
+    det, history = train_detector(train.maps, train.labels, train.partner, benign, epochs=epochs,
+                                  seed=seed, progress=progress)
     train_seconds = time.perf_counter() - t0
     flags = detect_maps(det, held.maps, threshold)
     metrics = strict_metrics(torch.cat(flags), torch.cat(held.labels))
-    benign = benign_columns(debug.clean_maps())
     selection = _choose_variant(model, det, benign, threshold, kind, data, extra)
     manifest = {k: v for k, v in version.manifest.items() if k not in _OWN_KEYS}
     manifest["atpatch"] = {

@@ -3,9 +3,9 @@
 §4.2.3 (a random 1-3 column selector instead of the Detector; no rescaling) and optional PNG
 heatmaps of attention maps before/after the patch.
 
-The Detector is scored on held-out maps: test images whose real trigger works (positives: the
-trigger's tokens, at the layers where they are over-attended) and as many clean test images
-(negatives: nothing may be flagged in any layer).
+The Detector is scored on held-out maps: test images whose real trigger works (ground truth: the
+trigger's tokens where they draw more than 2x the attention of the same image without trigger,
+as in the Debugging Set) and as many clean test images (nothing may be flagged in any layer).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from offline.datasets import ImageData, load_dataset
 from offline.defects import Trigger
-from repair.atpatch.debugging_set import excess_layers, patch_tokens
+from repair.atpatch.debugging_set import excess_layers, pair_labels, patch_tokens
 from repair.atpatch.detector import strict_metrics
 from repair.atpatch.runtime import AtPatch
 from repair.attention import attention_maps
@@ -70,17 +70,13 @@ def detector_metrics(patch: AtPatch, model, x_clean, x_bad, y, target, mask, pat
     xc = x_clean[~works][: len(xb)] if (~works).sum() >= len(xb) else x_clean[: len(xb)]
     maps_b, maps_c = attention_maps(model, xb), attention_maps(model, xc)
     tokens = patch_tokens(mask, patch_size)
-    layers, ratios = excess_layers(attention_maps(model, x_clean[works]), maps_b, tokens, 2.0)
+    maps_pc = attention_maps(model, x_clean[works])
+    layers, ratios = excess_layers(maps_pc, maps_b, tokens, 2.0)
+    truth_b = [y.bool() for y in pair_labels(maps_pc, maps_b, tokens, layers, 2.0)]
     det = patch.detector
     from repair.atpatch.detector import detect_maps
 
     flags_b, flags_c = detect_maps(det, maps_b, patch.threshold), detect_maps(det, maps_c, patch.threshold)
-    truth_b = []
-    for l, mb in enumerate(maps_b):
-        t = torch.zeros(len(mb), mb.shape[-1], dtype=torch.bool)
-        if l in layers:
-            t[:, tokens] = True
-        truth_b.append(t)
     flags = torch.cat(flags_b + flags_c)
     truth = torch.cat(truth_b + [torch.zeros_like(f) for f in flags_c])
     out = strict_metrics(flags, truth)

@@ -73,7 +73,7 @@ def training_images(version) -> tuple[torch.Tensor, torch.Tensor]:
 def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tensor,
                    label: int | None = None, budget: float = 0.01, gap: float = 0.001,
                    static: bool = False, layer: str | None = None, progress: bool = True,
-                   activate: bool = True, epochs: int = 100, max_rounds: int = 10,
+                   activate: bool = True, epochs: int = 300, max_rounds: int = 10,
                    device: str = "cpu") -> dict:
     """Rectify the current version with the pair(s) ``(clean, corrupt)``; see module docstring.
 

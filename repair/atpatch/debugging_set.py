@@ -69,6 +69,19 @@ def excess_layers(maps_c: list[torch.Tensor], maps_b: list[torch.Tensor], tokens
     return [l for l, r in enumerate(ratios) if r > excess], ratios
 
 
+def pair_labels(maps_c, maps_b, tokens: list[int], layers: list[int], excess: float) -> list[torch.Tensor]:
+    """Per map (the delta of one pair): the trigger's columns are anomalous where they draw more
+    than ``excess`` x the attention they draw in the clean counterpart, in the over-attended layers."""
+    labels = []
+    for l, (mc, mb) in enumerate(zip(maps_c, maps_b)):
+        y = torch.zeros(len(mb), mb.shape[-1])
+        if l in layers:
+            over = mb[:, :, tokens].mean(1) > excess * mc[:, :, tokens].mean(1)   # (M, T)
+            y[:, tokens] = over.float()
+        labels.append(y)
+    return labels
+
+
 def backdoor_set(model: nn.Module, x: torch.Tensor, apply_trigger, mask: torch.Tensor, target: int,
                  patch_size: int, prefix: int = 1, excess: float = 2.0) -> DebugSet:
     """Clean/triggered pairs (§3.2.1) from clean images ``x``; ``apply_trigger(x) -> x'``."""
@@ -81,12 +94,7 @@ def backdoor_set(model: nn.Module, x: torch.Tensor, apply_trigger, mask: torch.T
     layers, ratios = excess_layers(maps_c, maps_b, tokens, excess)
     if not layers:  # no over-attention anywhere: fall back to the paper's every-layer labels
         layers = list(range(len(maps_c)))
-    labels = []
-    for l, mb in enumerate(maps_b):
-        y = torch.zeros(len(mb), mb.shape[-1])
-        if l in layers:
-            y[:, tokens] = 1
-        labels.append(y)
+    labels = pair_labels(maps_c, maps_b, tokens, layers, excess)
     return _pair(maps_c, maps_b, labels, {"defect_kind": "backdoor", "tokens": tokens,
                                           "layers": layers, "excess_ratio": [round(r, 3) for r in ratios],
                                           "pairs": int(keep.sum())})

@@ -24,11 +24,20 @@ class DetectorError(ValueError):
     """A Detector that does not fit the model (layers, sequence length) or a malformed one."""
 
 
+_EPS = 1e-4
+
+
 class Detector(nn.Module):
-    def __init__(self, n_layers: int, seq_len: int, channels: int = 16, hidden: int = 32):
+    def __init__(self, n_layers: int, seq_len: int, channels: int = 16, hidden: int = 32,
+                 query_lens: list[int] | None = None):
         super().__init__()
         self.n_layers, self.seq_len, self.channels, self.hidden = n_layers, seq_len, channels, hidden
-        self.conv = nn.Conv2d(1, channels, 3, padding=1)
+        self.query_lens = list(query_lens or [seq_len] * n_layers)
+        # Two input channels: the map (x N) and its log-ratio to the benign map Q (Eq. 10), so a
+        # column is judged against what clean inputs pay it, whichever token it is.
+        for l, nq in enumerate(self.query_lens):
+            self.register_buffer(f"inv_benign{l}", torch.ones(nq, seq_len))
+        self.conv = nn.Conv2d(2, channels, 3, padding=1)
         self.mix = nn.Conv1d(2 * channels, hidden, 1)
         self.layer_emb = nn.Parameter(torch.zeros(n_layers, hidden, 1))
         self.out = nn.Conv1d(hidden, 1, 1)
@@ -37,15 +46,19 @@ class Detector(nn.Module):
         nn.init.constant_(self.out.bias, -4.0)
         self._fast: dict | None = None
 
+    def set_benign(self, benign: list[torch.Tensor]) -> None:
+        for l, q in enumerate(benign):
+            getattr(self, f"inv_benign{l}").copy_(1.0 / (q + _EPS))
+
     def config(self) -> dict:
         return {"n_layers": self.n_layers, "seq_len": self.seq_len, "channels": self.channels,
-                "hidden": self.hidden}
+                "hidden": self.hidden, "query_lens": self.query_lens}
 
     @classmethod
     def from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "Detector":
         try:
             det = cls(int(config["n_layers"]), int(config["seq_len"]), int(config["channels"]),
-                      int(config["hidden"]))
+                      int(config["hidden"]), [int(q) for q in config["query_lens"]])
             det.load_state_dict(state, strict=True)
         except (KeyError, RuntimeError, TypeError) as err:
             raise DetectorError(f"detector does not match its manifest config {config}: {err}") from err
@@ -57,9 +70,13 @@ class Detector(nn.Module):
         pooled = torch.cat([z.amax(2), z.mean(2)], 1)
         return F.relu(self.mix(pooled) + self.layer_emb[layer])
 
+    def _input(self, a: torch.Tensor, layer: int) -> torch.Tensor:
+        ratio = torch.log((a + _EPS) * getattr(self, f"inv_benign{layer}"))
+        return torch.stack([a * a.shape[-1], ratio], 1)
+
     def features(self, a: torch.Tensor, layer: int) -> torch.Tensor:
-        """``f_θ``: head-averaged maps ``(B, Nq, N)`` → ``(B, hidden, N)``. Scaled by ``N`` so uniform is 1."""
-        return self._head(self.conv(a.unsqueeze(1) * a.shape[-1]), layer)
+        """``f_θ``: head-averaged maps ``(B, Nq, N)`` → ``(B, hidden, N)``."""
+        return self._head(self.conv(self._input(a, layer)), layer)
 
     def forward(self, a: torch.Tensor, layer: int) -> torch.Tensor:
         """Eq. 6 before σ: logits ``(B, N)`` of head-averaged maps ``(B, Nq, N)``."""
@@ -68,16 +85,14 @@ class Detector(nn.Module):
     # -- the hot path ------------------------------------------------------------------------
 
     def prepare(self, num_heads: int) -> None:
-        """Fold Eq. 5's head average and the ``N`` scaling into the first conv (one op per layer)."""
-        n = self.seq_len
-        w = self.conv.weight.detach() * (n / num_heads)
-        self._fast = {"weight": w.repeat(1, num_heads, 1, 1), "bias": self.conv.bias.detach(),
+        """Precompute what the hot path reuses (detached weights, per-layer biases)."""
+        self._fast = {"heads": num_heads, "weight": self.conv.weight.detach(), "bias": self.conv.bias.detach(),
                       "hidden_bias": [self.layer_emb[l].detach() for l in range(self.n_layers)]}
 
     def logits_from_heads(self, attn: torch.Tensor, layer: int) -> torch.Tensor:
-        """Logits ``(B, N)`` straight from the per-head map ``(B, H, Nq, N)`` (after ``prepare``)."""
+        """Logits ``(B, N)`` from the per-head map ``(B, H, Nq, N)`` (after ``prepare``)."""
         f = self._fast
-        z = F.relu(F.conv2d(attn, f["weight"], f["bias"], padding=1))
+        z = F.relu(F.conv2d(self._input(attn.mean(1), layer), f["weight"], f["bias"], padding=1))
         pooled = torch.cat([z.amax(2), z.mean(2)], 1)
         h = F.relu(F.conv1d(pooled, self.mix.weight, self.mix.bias) + f["hidden_bias"][layer])
         return F.conv1d(h, self.out.weight, self.out.bias).squeeze(1)
@@ -86,7 +101,7 @@ class Detector(nn.Module):
         # Moving the module re-derives the folded weights on the new device.
         out = super()._apply(fn, *args, **kwargs)
         if self._fast is not None:
-            self.prepare(self._fast["weight"].shape[1])
+            self.prepare(self._fast["heads"])
         return out
 
 
@@ -136,7 +151,7 @@ def _positives(labels: torch.Tensor, partner: torch.Tensor, g: torch.Generator) 
 
 
 def train_detector(maps: list[torch.Tensor], labels: list[torch.Tensor], partner: torch.Tensor,
-                   epochs: int = 50, lr: float = 1e-3, lam: float = 1.0, batch_size: int = 32,
+                   benign: list[torch.Tensor], epochs: int = 50, lr: float = 1e-3, lam: float = 1.0, batch_size: int = 32,
                    seed: int = 0, progress: bool = True, channels: int = 16,
                    hidden: int = 32, pos_weight: float | None = None) -> tuple[Detector, list[float]]:
     """Train on the Debugging Set's maps (Eq. 7-8). Per layer ``l``: ``maps[l]`` ``(M, Nq, N)``
@@ -145,12 +160,13 @@ def train_detector(maps: list[torch.Tensor], labels: list[torch.Tensor], partner
     mode and the loss per epoch. The paper's defaults (§4.1.3) are AdamW, lr 1e-4, 50 epochs, λ = 1;
     we keep AdamW, 50 epochs and λ = 1 but use lr 1e-3 (measured: at 1e-4 the digits Detector had
     not left its prior after 30 epochs) and weight the rare anomalous columns in the BCE by
-    ``pos_weight`` (default: negatives / positives), without which "never flag" is a good optimum.
+    ``pos_weight`` (default: sqrt(negatives / positives)), without which "never flag" is a good optimum.
     """
     from tqdm import tqdm
 
     n_layers, m = len(maps), len(partner)
-    det = Detector(n_layers, maps[0].shape[-1], channels, hidden)
+    det = Detector(n_layers, maps[0].shape[-1], channels, hidden, [m.shape[1] for m in maps])
+    det.set_benign(benign)
     opt = torch.optim.AdamW(det.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -159,7 +175,7 @@ def train_detector(maps: list[torch.Tensor], labels: list[torch.Tensor], partner
     if pos_weight is None:
         pos = sum(float(y.sum()) for y in labels)
         total_cols = sum(y.numel() for y in labels)
-        pos_weight = (total_cols - pos) / max(pos, 1.0)
+        pos_weight = ((total_cols - pos) / max(pos, 1.0)) ** 0.5
     pw = torch.tensor(pos_weight)
     history = []
     for _ in tqdm(range(epochs), desc="atpatch detector", disable=not progress):

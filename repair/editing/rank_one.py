@@ -5,7 +5,7 @@ positions (see :mod:`repair.editing.layers` for where the value is read). The di
 ``d ∝ C⁻¹k*``; with several positions or pairs it is ``d = Z u`` where ``u`` is the top left
 singular vector of the whitened keys ``Z K*`` (Bau et al.'s multi-key rewrite; for one key
 ``Z Z k* = C⁻¹k*``, the same thing). ``d`` is scaled so the keys' projections ``dᵀk*`` have unit
-RMS, which puts ``Λ`` in the value's units. Only ``Λ`` is optimised (Adam), so the update stays
+RMS, which puts ``Λ`` in the value's units. Only ``Λ`` is optimised, so the update stays
 rank one by construction: the paper's periodic projection back onto the rank-one set (§10.3,
 "projection frequency 10") is then a no-op and is not needed.
 """
@@ -53,33 +53,52 @@ def edit_direction(stats: LayerStats, keys: torch.Tensor) -> torch.Tensor:
 
 def rank_one_edit(model: nn.Module, layer: EditableLayer, stats: LayerStats, clean: torch.Tensor,
                   corrupt: torch.Tensor, steps: int = 100, lr: float = 0.1,
-                  value: str = "logits", apply: bool = True) -> RankOneEdit:
+                  value: str = "logits", optimizer: str = "adam", apply: bool = True) -> RankOneEdit:
     """Eq. 1: find ``Λ`` so the corrupt keys yield the clean values; fold ``Λ dᵀ`` into ``W``.
 
-    ``value`` says where ``v*`` is read (see :mod:`repair.editing.layers`). ``lr``/``steps``:
-    Adam on ``Λ`` alone; the paper's lr 1e-4 (§10.3) is for its full-weight optimiser and
-    moves the unit-scaled ``Λ`` here too little in 100 steps.
+    ``value`` says where ``v*`` is read (see :mod:`repair.editing.layers`). ``Λ`` has only
+    ``m`` entries. Default: Adam at ``lr`` 0.1 for ``steps`` (the paper's lr 1e-4 (§10.3) is
+    for its full-weight optimiser and moves the unit-scaled ``Λ`` here too little); on the digits
+    ViT with 20 pairs the first round's gap was 0.11 after 100 steps, 0.032 after 300 (the
+    default number of epochs ``T`` in :func:`repair.editing.dynamic.rectify`).
+    ``optimizer="lbfgs"`` (strong-Wolfe L-BFGS, ``steps`` iterations) is the alternative.
     """
     with torch.no_grad():
         target = value_at(model, layer, clean, value).detach()
     d = edit_direction(stats, corrupt_keys(model, layer, corrupt)).detach()
     lam = torch.zeros(layer.value_dim, device=d.device, requires_grad=True)
-    opt = torch.optim.Adam([lam], lr=lr)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
+
+    def objective():
+        return (value_at(model, layer, corrupt, value) - target).pow(2).mean()
+
     try:
         with rank_one_hook(layer, lam, d):
-            loss_before = None
-            for _ in range(steps):
-                loss = (value_at(model, layer, corrupt, value) - target).pow(2).mean()
-                if loss_before is None:
-                    loss_before = loss.detach()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
             with torch.no_grad():
-                loss_after = (value_at(model, layer, corrupt, value) - target).pow(2).mean()
+                loss_before = objective()
+            if optimizer == "lbfgs":
+                opt = torch.optim.LBFGS([lam], lr=1.0, max_iter=steps, history_size=20,
+                                        tolerance_grad=1e-9, tolerance_change=1e-12,
+                                        line_search_fn="strong_wolfe")
+
+                def closure():
+                    opt.zero_grad(set_to_none=True)
+                    loss = objective()
+                    loss.backward()
+                    return loss
+
+                opt.step(closure)
+            else:
+                opt = torch.optim.Adam([lam], lr=lr)
+                for _ in range(steps):
+                    loss = objective()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            with torch.no_grad():
+                loss_after = objective()
     finally:
         for p in params:
             p.requires_grad_(True)

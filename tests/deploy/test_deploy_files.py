@@ -207,6 +207,14 @@ def test_grafana_datasource_uid_is_pinned_and_used_by_every_panel():
         dash = json.loads(path.read_text())
         ids = [p["id"] for p in dash["panels"]]
         assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids"
+        cells = {}
+        for p in dash["panels"]:  # no two panels overlap on Grafana's 24-column grid
+            g = p["gridPos"]
+            assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+            for x in range(g["x"], g["x"] + g["w"]):
+                for y in range(g["y"], g["y"] + g["h"]):
+                    assert (x, y) not in cells, f"{p['title']} overlaps {cells[(x, y)]}"
+                    cells[(x, y)] = p["title"]
         for p in dash["panels"]:
             if p["type"] == "row":
                 continue

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import http_get
+from deploy_procs import http_get
 from promql_names import (SYNTHETIC, alert_queries, dashboard_queries, exported_names,
                           metric_names)
 

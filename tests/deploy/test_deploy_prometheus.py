@@ -10,7 +10,7 @@ import re
 import time
 
 import torch
-from conftest import http_get, http_post_json, wait_until
+from deploy_procs import http_get, http_post_json, wait_until
 from promql_names import ROOT, grafana_to_promql
 
 N_CLEAN, N_TRIGGERED = 24, 12       # the mix: a third of the samples carry the trigger
@@ -70,13 +70,13 @@ def test_dashboard_patch_rate_equals_the_request_mix(proxy_server, prometheus, d
     warm_patched = 0
     for item in warm_triggered:
         warm_patched += sum(send(proxy_server, [item]))
-        if warm_patched >= 2:
+        if warm_patched >= WARMUP:
             break
     assert warm_patched >= 1, f"AtPatch patched none of {len(warm_triggered)} triggered inputs"
     before = served_samples(proxy_server)
     wait_until(lambda: prometheus.scalar("sum(repair_samples_total)") == before, 30,
                "prometheus never scraped the warm-up")
-    time.sleep(2.5)   # the window opens after the warm-up's last scrape
+    time.sleep(3)   # the warm-up's values are scraped; below, the window opens 2-3 s before t0
     t0 = time.time()
 
     patched, sizes = [], [1, 2, 3]
@@ -89,12 +89,16 @@ def test_dashboard_patch_rate_equals_the_request_mix(proxy_server, prometheus, d
     assert total == before + len(mix)
     wait_until(lambda: prometheus.scalar("sum(repair_samples_total)") == total, 30,
                "prometheus never scraped the mix")
-    time.sleep(2.5)
+    time.sleep(3)
     t1 = time.time()
 
     # What the server answered: the ratio the dashboard must show for this window.
     expected = sum(patched) / len(mix)
-    window = f"{math.ceil(t1 - t0)}s"
+    # Window (t1 - range, t1] starts 2-3 s before the mix: inside it are scrapes with the
+    # warm-up values (the base of the increase) and, at its end, scrapes with the final values.
+    # The warm-up makes both counters start non-zero, so rate()'s extrapolation is the same for
+    # numerator and denominator (no zero-clamp) and cancels in the ratio.
+    window = f"{math.ceil(t1 - t0) + 2}s"
     value = prometheus.scalar(grafana_to_promql(dashboard_patch_rate(), rate_interval=window), at=t1)
     assert value is not None and abs(value - expected) <= 0.02, (value, expected, window)
 

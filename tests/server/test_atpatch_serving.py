@@ -1,5 +1,5 @@
-"""AtPatch behind the HTTP API: triggered digits are corrected, clean accuracy holds, the patch
-switch, shadow mode and the repair metrics are exact."""
+"""AtPatch behind the HTTP API with the real detector (``atpatch build`` on the BadNets digits
+ViT): triggered digits are corrected (ASR ≤ 1 %) and clean accuracy holds."""
 from __future__ import annotations
 
 import httpx
@@ -56,51 +56,3 @@ def test_triggered_inputs_corrected_and_clean_accuracy_holds(server, images):
     acc_off = sum(p["class_index"] == y for p, y in zip(_predict(server, clean, "off"), labels.tolist())) / len(clean)
     acc_on = sum(p["class_index"] == y for p, y in zip(_predict(server, clean, "on"), labels.tolist())) / len(clean)
     assert acc_on >= acc_off - 0.02, (acc_on, acc_off)
-
-
-def test_shadow_answers_unpatched_and_reports_the_patch(server, images):
-    _, _, triggered, target = images
-    shadow = _predict(server, triggered[:32], "shadow")
-    off = _predict(server, triggered[:32], "off")
-    on = _predict(server, triggered[:32], "on")
-    assert [p["class_index"] for p in shadow] == [p["class_index"] for p in off]
-    assert all(p["patched"] is False for p in shadow)
-    assert [p["shadow"]["class_index"] for p in shadow] == [p["class_index"] for p in on]
-    assert [p["shadow"]["patched_columns"] for p in shadow] == [p["patched_columns"] for p in on]
-    assert sum(p["shadow"]["changed"] for p in shadow) == sum(
-        a["class_index"] != b["class_index"] for a, b in zip(off, on))
-
-
-def test_repair_metrics_count_exactly(server, images):
-    clean, _, triggered, _ = images
-    name = server.service.settings.name
-    m = server.metric
-    before = {"patched": m("repair_patched_samples_total", endpoint="predict"),
-              "patched_v2": m("repair_patched_samples_total", endpoint="infer"),
-              "added": m("repair_added_latency_seconds_count"),
-              "samples": m("repair_samples_total", endpoint="predict"),
-              "cols": {layer: m("repair_patched_columns_total", layer=str(layer)) for layer in range(3)}}
-    batch = triggered[:10] + clean[:10]
-    answers = []
-    for mode in ("on", "shadow", "off"):
-        r = httpx.post(f"{server.url}/predict?patch={mode}", json={"images": batch}, timeout=120)
-        answers.append(r.json()["predictions"])
-    r = httpx.post(f"{server.url}/v2/models/{name}/infer", timeout=120, json={
-        "inputs": [{"name": "x", "shape": [10], "datatype": "BYTES", "data": triggered[:10]}],
-        "parameters": {"patch": "on"}})
-    v2 = r.json()["parameters"]
-    on, shadow, _ = answers
-    n_on = sum(p["patched"] for p in on)
-    n_shadow = sum(p["shadow"]["patched"] for p in shadow)
-    assert n_on > 0
-    assert m("repair_patched_samples_total", endpoint="predict") - before["patched"] == n_on + n_shadow
-    assert m("repair_patched_samples_total", endpoint="infer") - before["patched_v2"] == sum(v2["patched"])
-    assert m("repair_added_latency_seconds_count") - before["added"] == 3  # on, shadow, v2 on
-    assert m("repair_samples_total", endpoint="predict") - before["samples"] == 60
-    columns = [c for p in on for c in p["patched_columns"]] + \
-              [c for p in shadow for c in p["shadow"]["patched_columns"]] + \
-              [c for cols in v2["patched_columns"] for c in cols]
-    for layer in range(3):
-        moved = m("repair_patched_columns_total", layer=str(layer)) - before["cols"][layer]
-        assert moved == sum(1 for l, _ in columns if l == layer), layer
-    assert all(p["added_latency_ms"] >= 0 for p in on)

@@ -1,0 +1,141 @@
+"""AtPatch added latency on one model in one run (issue 3): batch 1 and 64, CPU (and CUDA if present).
+
+Variants, timed round-robin so load on a shared machine hits all alike:
+  fused     the model as trained (timm fused scaled_dot_product_attention; no maps visible)
+  eager     the same model with fused_attn=False (what AtPatch must hook), no hooks
+  off       AtPatch installed, mode "off" (hooks inactive)
+  on-clean  mode "on", inputs the Detector does not flag (detect only: the unpatched request)
+  on-patch  mode "on", triggered inputs that are flagged (detect + Γ)
+
+    .venv/bin/python bench/atpatch_latency.py --bundle BUNDLE_WITH_DETECTOR [--reps 200]
+Writes bench/results/atpatch_latency.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from offline.datasets import load_dataset  # noqa: E402
+from offline.defects import Trigger  # noqa: E402
+from repair.atpatch.runtime import AtPatch  # noqa: E402
+from repair.bundle import Bundle  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    device = torch.device(device)
+    version = Bundle(bundle).version()
+    model = version.build_model(device)
+    atp = AtPatch.from_version(version, model)
+    data = load_dataset(version.manifest["dataset"]["name"])
+    trig = Trigger.from_tensors(version.tensors("defect"))
+    target = version.manifest["defect"]["target_class"]
+    x_clean = data.x_test.to(device)
+    x_bad = trig.apply(data.x_test[data.y_test != target]).to(device)
+    clean_ok = x_clean[~atp(x_clean, "on").patched]
+    bad_ok = x_bad[atp(x_bad, "on").patched]
+    results = {}
+    for bs in (1, 64):
+        xc, xb = clean_ok[:bs], bad_ok[:bs]
+        if len(xc) < bs or len(xb) < bs:
+            continue
+
+        def fused():
+            atp.access.remove()
+            try:
+                with torch.no_grad():
+                    model(xc)
+            finally:
+                atp.access.install(atp._hook)
+
+        def eager():
+            atp.access.remove()
+            for m in atp.access.modules:
+                m.fused_attn = False
+            try:
+                with torch.no_grad():
+                    model(xc)
+            finally:
+                atp.access.install(atp._hook)
+
+        runs = {"fused": fused, "eager": eager, "off": lambda: atp(xc, "off"),
+                "on-clean": lambda: atp(xc, "on"), "on-patch": lambda: atp(xb, "on")}
+        times = {k: [] for k in runs}
+        for _ in range(10):
+            for f in runs.values():
+                f()
+        for _ in range(reps):
+            for k, f in runs.items():
+                _sync(device)
+                t = time.perf_counter()
+                f()
+                _sync(device)
+                times[k].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        results[f"batch{bs}"] = {
+            "median_ms": {k: round(v, 4) for k, v in med.items()},
+            "unpatched_overhead_vs_eager": round(med["on-clean"] / med["eager"] - 1, 4),
+            "patched_overhead_vs_eager": round(med["on-patch"] / med["eager"] - 1, 4),
+            "eager_vs_fused": round(med["eager"] / med["fused"] - 1, 4),
+        }
+    atp.remove()
+    return {"device": str(device), "threads": threads, "reps": reps, "bundle": bundle,
+            "version": version.id, "results": results}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    runs = [bench(args.bundle, args.reps, "cpu", args.threads)]
+    if torch.cuda.is_available():
+        runs.append(bench(args.bundle, args.reps, "cuda", args.threads))
+    command = "python bench/atpatch_latency.py " + " ".join(sys.argv[1:])
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "atpatch_latency.json").write_text(json.dumps({"command": command, "runs": runs}, indent=1))
+    lines = ["# AtPatch added latency", "", f"Command: `{command}`", "",
+             "| device | batch | fused ms | eager ms | off ms | on, unpatched ms | on, patched ms | "
+             "unpatched vs eager | patched vs eager | eager vs fused |", "|" + "---|" * 10]
+    for run in runs:
+        for name, r in run["results"].items():
+            m = r["median_ms"]
+            lines.append(f"| {run['device']} | {name[5:]} | {m['fused']} | {m['eager']} | {m['off']} | "
+                         f"{m['on-clean']} | {m['on-patch']} | {r['unpatched_overhead_vs_eager']:+.1%} | "
+                         f"{r['patched_overhead_vs_eager']:+.1%} | {r['eager_vs_fused']:+.1%} |")
+    (OUT / "atpatch_latency.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs[0]["results"]), figsize=(10, 4), squeeze=False)
+    for ax, (name, r) in zip(axes[0], runs[0]["results"].items()):
+        keys = list(r["median_ms"])
+        ax.bar(keys, [r["median_ms"][k] for k in keys], color=["#888", "#48c", "#4a8", "#ca4", "#c44"])
+        ax.set_title(f"{runs[0]['device']} {name}")
+        ax.set_ylabel("median ms / request")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(OUT / "atpatch_latency.png", dpi=90)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

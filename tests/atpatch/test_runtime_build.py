@@ -1,0 +1,113 @@
+"""AtPatch end to end on the shared digits BadNets ViT: build, runtime contract, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offline.atpatch_build import BuildError, build_detector
+from offline.datasets import load_dataset
+from offline.defects import Trigger
+from repair.atpatch.detector import Detector, DetectorError
+from repair.atpatch.runtime import AtPatch
+from repair.attention import NoAttentionError
+from repair.bundle import Bundle, state_dict_for_saving
+from repair.models import build_model
+
+
+@pytest.fixture(scope="module")
+def patched(digits_patched):
+    version = Bundle(digits_patched).version()
+    model = version.build_model()
+    atp = AtPatch.from_version(version, model)
+    yield version, model, atp
+    atp.remove()
+
+
+def test_build_writes_a_child_version_with_detector_and_benign(digits_patched, digits_vit_badnets):
+    b = Bundle(digits_patched)
+    v = b.version()
+    assert v.parent == Bundle(digits_vit_badnets).current_id()
+    assert v.has("detector") and v.has("benign")
+    meta = v.manifest["atpatch"]
+    assert meta["threshold"] == 0.1 and meta["seq_len"] == 17
+    assert meta["inversion"]["target"] == 0  # Neural Cleanse found the real target
+    assert set(meta["variant_selection"]) >= {"replace", "masked", "chosen"}
+    assert meta["variants"]["backdoor"] in ("replace", "masked")
+    assert all(k in meta["detector_metrics"] for k in ("precision", "recall", "f1", "fpr", "fnr"))
+
+
+def test_backdoor_is_patched_within_the_issue_thresholds(patched):
+    version, model, atp = patched
+    data = load_dataset("digits")
+    trigger = Trigger.from_tensors(version.tensors("defect"))
+    target = version.manifest["defect"]["target_class"]
+    keep = data.y_test != target
+    x_bad = trigger.apply(data.x_test[keep])
+    asr_off = (atp(x_bad, "off").logits.argmax(-1) == target).float().mean().item()
+    asr_on = (atp(x_bad, "on").logits.argmax(-1) == target).float().mean().item()
+    acc_off = (atp(data.x_test, "off").logits.argmax(-1) == data.y_test).float().mean().item()
+    acc_on = (atp(data.x_test, "on").logits.argmax(-1) == data.y_test).float().mean().item()
+    assert asr_off > 0.9
+    assert asr_on <= 0.01, f"ASR with AtPatch {asr_on:.4f}"
+    assert acc_off - acc_on <= 0.005, f"accuracy {acc_off:.4f} -> {acc_on:.4f}"
+
+
+def test_runtime_contract(patched):
+    _, model, atp = patched
+    x = load_dataset("digits").x_test[:16]
+    off = atp(x, "off")
+    with torch.no_grad():
+        plain = model(x)
+    assert torch.equal(off.logits, plain)
+    assert not off.patched.any() and off.flagged.shape == (16, 3, 17)
+    on = atp(x, "on")
+    assert on.flagged.dtype == torch.bool and on.flagged.shape == (16, 3, 17)
+    assert torch.equal(on.patched, on.flagged.flatten(1).any(1))
+    for i in range(16):
+        cols = on.columns(i)
+        assert len(cols) == int(on.flagged[i].sum())
+        if not on.patched[i]:  # nothing flagged: bit-for-bit the unpatched logits
+            assert torch.equal(on.logits[i], plain[i])
+    with pytest.raises(ValueError, match="patch mode"):
+        atp(x, "shadow-typo")
+
+
+def test_remove_restores_the_plain_model(digits_patched):
+    version = Bundle(digits_patched).version()
+    model = version.build_model()
+    x = torch.rand(4, 1, 16, 16)
+    with torch.no_grad():
+        fused = model(x)
+    atp = AtPatch.from_version(version, model)
+    atp.remove()
+    with torch.no_grad():
+        assert torch.equal(model(x), fused)
+
+
+def test_detector_for_another_sequence_length_is_refused(digits_patched):
+    version = Bundle(digits_patched).version()
+    model = build_model({"arch": "vit", "img_size": 16, "patch_size": 2, "in_chans": 1})
+    with pytest.raises(DetectorError, match="17 tokens"):
+        AtPatch.from_version(version, model)
+    with pytest.raises(DetectorError, match="layers"):
+        AtPatch(version.build_model(), Detector(2, 17), [torch.ones(17, 17)] * 2)
+
+
+def test_bundle_without_attention_is_refused_before_writing(tmp_path):
+    model = build_model({"arch": "resnet18", "in_chans": 1, "num_classes": 10})
+    b = Bundle(tmp_path / "cnn")
+    b.write_version({"kind": "vision", "architecture": {"arch": "resnet18", "in_chans": 1, "num_classes": 10},
+                     "dataset": {"name": "digits"}, "labels": [str(i) for i in range(10)]},
+                    {"model": state_dict_for_saving(model)})
+    with pytest.raises(NoAttentionError, match="no attention layers"):
+        build_detector(b.root, progress=False)
+    assert b.version_ids() == ["v0001"]
+
+
+def test_protected_attributes_on_images_are_refused(digits_vit_badnets, copy_bundle):
+    path = copy_bundle(digits_vit_badnets)
+    with pytest.raises(BuildError, match="tabular"):
+        build_detector(path, protected=["race"], progress=False)
+    with pytest.raises(ValueError, match="τ"):
+        build_detector(path, threshold=1.5, progress=False)
+    assert Bundle(path).version_ids() == ["v0001"]
