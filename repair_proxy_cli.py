@@ -41,7 +41,9 @@ def _atpatch_build(a):
 
     protected = [s for s in (a.protected or "").split(",") if s]
     version = build_detector(a.bundle, protected=protected, epochs=a.epochs, threshold=a.threshold)
-    print(json.dumps({"version": version.id, "detector": version.manifest.get("detector", {})}))
+    meta = version.manifest.get("atpatch", {})
+    print(json.dumps({"version": version.id, "detector": meta.get("detector_metrics", {}),
+                      "variants": meta.get("variants", {}), "threshold": meta.get("threshold")}))
 
 
 def _rectify(a):

@@ -67,10 +67,12 @@ class Bare:
         for _ in range(20):
             fn(x)
         lat, end = [], time.perf_counter() + seconds
+        cpu0 = time.process_time()
         while time.perf_counter() < end:
             t0 = time.perf_counter()
             fn(x)
             lat.append(time.perf_counter() - t0)
+        self.cpu = time.process_time() - cpu0
         return lat
 
 
@@ -110,6 +112,12 @@ def load(host: str, port: int, path: str, body: bytes, concurrency: int, seconds
 
     asyncio.run(run(warmup))
     return asyncio.run(run(seconds))
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -168,17 +176,26 @@ def main() -> None:
         # Concurrency 1: bare and server rounds interleaved, so load drift on a shared machine
         # hits both alike; latencies are pooled over the rounds.
         points = [(m, p) for m in modes for p in (("clean", "triggered") if m == "on" else ("clean",))]
-        pooled = {k: ([], [], 0, 0.0) for k in points}
+        # CPU time per request too (bare: this process; server: its process, all threads; the
+        # 0.2 s warm-up of each round included), a measure the other jobs on the machine hardly move.
+        pooled = {k: ([], [], 0, 0.0, 0.0, 0.0, 0) for k in points}
         for _ in range(a.rounds):
             for mode, payload in points:
-                b_lat, s_lat, errs, wall = pooled[(mode, payload)]
+                b_lat, s_lat, errs, wall, b_cpu, s_cpu, s_n = pooled[(mode, payload)]
                 b_lat += bare.round(mode, xs[payload], a.seconds / a.rounds)
+                b_cpu += bare.cpu
+                c0 = proc_cpu_seconds(server.pid)
+                t_warm = time.perf_counter()
                 lat, e, w = load("127.0.0.1", port, f"/predict?patch={mode}", bodies[payload], 1,
                                  a.seconds / a.rounds, warmup=0.2)
-                pooled[(mode, payload)] = (b_lat, s_lat + lat, errs + e, wall + w)
-        for (mode, payload), (b_lat, s_lat, errs, wall) in pooled.items():
-            results["bare"][f"{mode}_{payload}"] = summarize(b_lat, a.seconds)
-            results["server"][f"{mode}_{payload}_c1"] = summarize(s_lat, wall, errs)
+                s_cpu += proc_cpu_seconds(server.pid) - c0
+                s_n += len(lat) * (time.perf_counter() - t_warm) / w  # requests incl. warm-up (approx.)
+                pooled[(mode, payload)] = (b_lat, s_lat + lat, errs + e, wall + w, b_cpu, s_cpu, s_n)
+        for (mode, payload), (b_lat, s_lat, errs, wall, b_cpu, s_cpu, s_n) in pooled.items():
+            results["bare"][f"{mode}_{payload}"] = dict(summarize(b_lat, a.seconds),
+                                                       cpu_ms_per_call=round(b_cpu / len(b_lat) * 1e3, 3))
+            results["server"][f"{mode}_{payload}_c1"] = dict(summarize(s_lat, wall, errs),
+                                                             cpu_ms_per_request=round(s_cpu / s_n * 1e3, 3))
             print(mode, payload, results["bare"][f"{mode}_{payload}"], results["server"][f"{mode}_{payload}_c1"], flush=True)
         for mode, payload in points:
             lat, errs, wall = load("127.0.0.1", port, f"/predict?patch={mode}", bodies[payload], 32, a.seconds)
@@ -191,12 +208,14 @@ def main() -> None:
 
     s, b = results["server"], results["bare"]
     results["overhead_c1_p50_ms"] = {k: round(s[f"{k}_c1"]["p50_ms"] - v["p50_ms"], 3) for k, v in b.items()}
+    results["overhead_c1_cpu_ms"] = {k: round(s[f"{k}_c1"]["cpu_ms_per_request"] - v["cpu_ms_per_call"], 3)
+                                     for k, v in b.items()}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     write_markdown(results, out.with_suffix(".md"))
     plot(results, out.with_suffix(".png"))
-    print(json.dumps(results["overhead_c1_p50_ms"]))
+    print(json.dumps(results["overhead_c1_p50_ms"]), json.dumps(results["overhead_c1_cpu_ms"]))
 
 
 def write_markdown(r: dict, path: Path) -> None:
@@ -209,7 +228,9 @@ def write_markdown(r: dict, path: Path) -> None:
     for name, v in r["server"].items():
         lines.append(f"| server {name} | {v['p50_ms']} | {v['p99_ms']} | {v['throughput_rps']} | {v['errors']} |")
     lines += ["", "Server overhead at concurrency 1 (server p50 − bare p50, ms): "
-              + ", ".join(f"{k} {v}" for k, v in r["overhead_c1_p50_ms"].items()) + " (target ≤ 2 ms).", ""]
+              + ", ".join(f"{k} {v}" for k, v in r["overhead_c1_p50_ms"].items()) + " (target ≤ 2 ms).", "",
+              "Server CPU per request − bare CPU per call at concurrency 1 (ms): "
+              + ", ".join(f"{k} {v}" for k, v in r["overhead_c1_cpu_ms"].items()) + ".", ""]
     path.write_text("\n".join(lines))
 
 

@@ -72,6 +72,7 @@ def _protected(data: TabularData, model, names: list[str]) -> list[Protected]:
 
 def build_detector(bundle: str | Path, protected: list[str] | None = None, epochs: int = 50,
                    threshold: float = 0.1, *, inversion_steps: int = 100, n_clean: int = 600,
+                   max_rows: int = 4000,
                    seed: int = 0, progress: bool = True, activate: bool = True):
     """Train the Detector and Q for the bundle's current version; write and return a new version."""
     started = time.perf_counter()
@@ -95,7 +96,7 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
         if not protected:
             raise BuildError("a tabular bundle needs --protected ATTR[,ATTR...]")
         attrs = _protected(data, model, protected)
-        debug = fairness_set(model, data.x_train, attrs, seed=seed)
+        debug = fairness_set(model, data.x_train[:max_rows], attrs, seed=seed)
         extra = {"protected": {a.name: {"column": a.column, "token": a.token, "values": a.values}
                                for a in attrs}}
         kind = "fairness"

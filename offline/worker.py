@@ -186,6 +186,7 @@ def run_worker(bundle: str | os.PathLike, poll_interval: float = 0.5, once: bool
     from repair.bundle import Bundle
 
     Bundle(bundle).current_id()  # a clear error now if this is not a bundle
+    _configure_logging()
     store = JobStore(bundle)
     stopping = {"now": False}
 
@@ -228,14 +229,12 @@ def run_worker(bundle: str | os.PathLike, poll_interval: float = 0.5, once: bool
             signal.signal(s, handler)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m offline.worker --bundle B [--parent-pid P]`` (how the server embeds one)."""
-    p = argparse.ArgumentParser(prog="offline.worker")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--parent-pid", type=int)
-    p.add_argument("--poll", type=float, default=0.5)
-    a = p.parse_args(argv)
-    class _Json(logging.Formatter):  # structured lines, like the server's
+def _configure_logging() -> None:
+    """JSON lines on stderr, like the server's logs."""
+    if log.handlers:
+        return
+
+    class _Json(logging.Formatter):
         def format(self, r):
             return json.dumps({"ts": round(r.created, 6), "logger": r.name, "level": r.levelname,
                                "msg": r.getMessage()})
@@ -244,6 +243,16 @@ def main(argv: list[str] | None = None) -> None:
     handler.setFormatter(_Json())
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m offline.worker --bundle B [--parent-pid P]`` (how the server embeds one)."""
+    p = argparse.ArgumentParser(prog="offline.worker")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--parent-pid", type=int)
+    p.add_argument("--poll", type=float, default=0.5)
+    a = p.parse_args(argv)
     run_worker(a.bundle, poll_interval=a.poll, parent_pid=a.parent_pid)
 
 

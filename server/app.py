@@ -323,6 +323,8 @@ def serve(bundle: str, host: str = "127.0.0.1", port: int = 8080, device: str = 
     from server.runtime import resolve_device
 
     token = token or os.environ.get("REPAIR_TOKEN") or None
+    # A separately run `repair-proxy worker` (e.g. its own container) replaces the embedded one.
+    options.setdefault("embed_worker", os.environ.get("REPAIR_EXTERNAL_WORKER", "") in ("", "0"))
     if not token and not insecure:
         raise ValueError("refusing to start: /rectify and version changes need a bearer token; "
                          "pass --token (or set REPAIR_TOKEN), or --insecure on a trusted network")
@@ -342,7 +344,7 @@ def serve(bundle: str, host: str = "127.0.0.1", port: int = 8080, device: str = 
     from server.jobs import EmbeddedWorker
 
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="repair-metrics-"))
-    embedded = EmbeddedWorker(str(bundle)) if options.get("embed_worker", True) else None
+    embedded = EmbeddedWorker(str(bundle)) if options["embed_worker"] else None
     os.environ["REPAIR_SERVER_OPTIONS"] = json.dumps({**base, "embed_worker": False})
     if embedded is not None:
         embedded.start()

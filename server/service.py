@@ -58,7 +58,8 @@ class Service:
         self.runtime = ModelRuntime(settings.bundle, settings.device, settings.max_batch_size,
                                     settings.poll_interval, on_swap=self._on_swap)
         self.batcher = MicroBatcher(self._run, settings.max_batch_size, settings.max_wait_ms,
-                                    on_batch=self.metrics.batch_size.observe)
+                                    on_batch=self.metrics.batch_size.observe,
+                                    inline=self.runtime.device.type == "cpu")
 
     def _on_swap(self, version: str, previous: str | None) -> None:
         self.metrics.served(version, previous)

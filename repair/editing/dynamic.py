@@ -64,7 +64,7 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
             val_x: torch.Tensor, val_y: torch.Tensor, budget: float = 0.01, gap: float = 1e-3,
             epochs: int = 300, lr: float = 0.1, max_rounds: int = 10, static: bool = False,
             layer: str | None = None, value: str = "logits", joint: bool = False,
-            min_gain: float = 0.01, progress: bool = True) -> RectifyOutcome:
+            min_gain: float = 0.1, progress: bool = True) -> RectifyOutcome:
     """Algorithm 1 on ``model`` in place (or static / one named layer); returns what was kept."""
     names = list(layers)
     fixed = layer or (names[-1] if static else None)
