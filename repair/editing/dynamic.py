@@ -6,9 +6,10 @@ edit it with ``T`` optimisation steps (Eq. 1), re-evaluate ``ε*`` and ``δ*``; 
 ``ε* ≤ ε``, otherwise roll it back and stop. *Static* rectifying edits one fixed layer, the last
 editable one (the usual choice of prior work), once, under the same budget.
 
-One addition to Algorithm 1: a round that does not lower ``δ*`` by at least ``min_gain`` (relative)
-is rolled back too, and its layer is set aside for the next rounds, which take the next layer
-in the ``Ĝ`` ranking. Editing the same layer again is otherwise a fixed point: its keys, hence
+One addition to Algorithm 1: a round that does not lower ``δ*`` by at least ``min_gain``
+(relative) is rolled back too, and its layer is set aside for the next rounds, which take the
+next layer in the ``Ĝ`` ranking; after ``patience`` such rounds in a row the loop ends. Editing
+the same layer again is otherwise a fixed point: its keys, hence
 ``d``, are unchanged and ``Λ`` is already optimal, so the loop would spin without progress
 (measured on the digits ViT with n = 20: ``attn.proj`` re-picked with δ* stuck at 0.076).
 
@@ -64,7 +65,7 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
             val_x: torch.Tensor, val_y: torch.Tensor, budget: float = 0.01, gap: float = 1e-3,
             epochs: int = 300, lr: float = 0.1, max_rounds: int = 10, static: bool = False,
             layer: str | None = None, value: str = "logits", joint: bool = False,
-            min_gain: float = 0.1, progress: bool = True) -> RectifyOutcome:
+            min_gain: float = 0.1, patience: int = 2, progress: bool = True) -> RectifyOutcome:
     """Algorithm 1 on ``model`` in place (or static / one named layer); returns what was kept."""
     names = list(layers)
     fixed = layer or (names[-1] if static else None)
@@ -106,6 +107,8 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
             if not within or fixed is not None:
                 break                                                    # line 9: return f
             spent.add(where)
+            if len(spent) >= patience:
+                break
             continue
         out.edits.append(edit)                                           # line 8: f ← f*
         spent.clear()                                                    # the model moved on

@@ -31,7 +31,7 @@ def test_contrastive_loss_prefers_separated_features():
     assert contrastive_loss(apart, labels, pos) < contrastive_loss(mixed, labels, pos)
 
 
-def _synthetic(m=48, n=9, seed=0):
+def _synthetic(m=96, n=9, seed=0):
     """Two layers; defective maps over-attend column 4 in layer 0 only."""
     g = torch.Generator().manual_seed(seed)
     clean = [torch.randn(m, n, n, generator=g).softmax(-1) for _ in range(2)]
@@ -48,9 +48,9 @@ def _synthetic(m=48, n=9, seed=0):
 
 def test_detector_learns_over_attended_column_and_fast_path_matches():
     maps, labels, partner = _synthetic()
-    clean = torch.cat([torch.ones(48, dtype=torch.bool), torch.zeros(48, dtype=torch.bool)])
+    clean = torch.cat([torch.ones(96, dtype=torch.bool), torch.zeros(96, dtype=torch.bool)])
     det, history = train_detector(maps, labels, partner, benign_columns([m[clean] for m in maps]),
-                                  epochs=8, lr=3e-3, progress=False)
+                                  epochs=15, lr=3e-3, progress=False)
     assert history[-1] < history[0]
     test_maps, test_labels, _ = _synthetic(seed=1)
     flags = detect_maps(det, test_maps, 0.1)

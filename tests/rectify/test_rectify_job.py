@@ -116,7 +116,7 @@ def test_from_files_static_mode_edits_the_last_layer(digits_vit_blend, copy_bund
     with pytest.raises(RectifyError, match="expects"):
         rectify_from_files(dst, str(big), str(paths["corrupt"]))
     result = rectify_from_files(dst, str(paths["clean"]), str(paths["corrupt"]), label=label,
-                                static=True, progress=False, activate=False)
+                                static=True, progress=False, activate=False, epochs=50)
     store = Bundle(dst)
     assert store.current_id() != result["version"]  # activate=False
     assert result["rounds"] == 1

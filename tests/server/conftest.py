@@ -17,11 +17,9 @@ def digits_data():
 
 
 @pytest.fixture(scope="module")
-def plain_bundle(request, tmp_path_factory) -> Path:
+def plain_bundle(digits_vit_badnets, tmp_path_factory) -> Path:
     """A writable copy of the BadNets digits ViT, without a detector (plain predictions)."""
-    import os  # DEV-ONLY
-    src = Path(os.environ["DEVB"]) if "DEVB" in os.environ else request.getfixturevalue("digits_vit_badnets")
-    return private_copy(src, tmp_path_factory.mktemp("plain") / "digits")
+    return private_copy(digits_vit_badnets, tmp_path_factory.mktemp("plain") / "digits")
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +48,6 @@ def tabular_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def atpatch_bundle(request) -> Path:
+def atpatch_bundle(digits_vit_badnets_atpatch) -> Path:
     """The shared BadNets digits ViT with its AtPatch detector (read-only: served, never written)."""
-    import os  # DEV-ONLY
-    return Path(os.environ["DEVDET"]) if "DEVDET" in os.environ else request.getfixturevalue("digits_vit_badnets_atpatch")
+    return digits_vit_badnets_atpatch
