@@ -55,18 +55,20 @@ def main():
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--budget", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--n", type=int, action="append", help="pair counts (default 1 and 20)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     bundle = ensure_bundle(Path(a.cache) / f"{a.dataset}-{a.arch}-blend", a.arch, a.dataset)
     setup = Setup(bundle)
     rows = []
-    for n, trials in ((1, a.trials), (20, 1)):
+    counts = a.n or [1, 20]
+    for n, trials in ((n, a.trials if n == 1 else 1) for n in counts):
         for method in ("dynamic", "static", "finetune"):
             for trial in range(trials):
                 rows.append(run(setup, method, n, trial, a.budget))
                 print(rows[-1], flush=True)
     summary = {}
-    for n in (1, 20):
+    for n in counts:
         for method in ("dynamic", "static", "finetune"):
             sel = [r for r in rows if r["n"] == n and r["method"] == method]
             summary[f"{method} n={n}"] = {k: sum(r[k] for r in sel) / len(sel)
