@@ -78,7 +78,7 @@ def main():
     md = [f"# Rectification, {a.dataset} {a.arch}, Blend φ=0.5 (target 0)", "",
           f"Command: `{command}` (1 CPU thread). Base model: OA {setup.base['oa']:.4f}, "
           f"ASR {setup.base['asr']:.4f}. Budget ε = {a.budget}; n=1 averaged over {a.trials} "
-          "pairs (one per trial), n=20 one run. OA drop in points of accuracy × 100.", "",
+          "pairs (one per trial), each larger n one run. OA drop in points of accuracy × 100.", "",
           "| method | OA | OA drop (pt) | ASR | ASR φ=0.3 | ASR φ=0.7 | ASR φ=1.0 |",
           "| --- | --- | --- | --- | --- | --- | --- |"]
     for key, s in summary.items():
