@@ -17,9 +17,9 @@ def digits_data():
 
 
 @pytest.fixture(scope="module")
-def plain_bundle(tmp_path_factory) -> Path:
+def plain_bundle(digits_vit_badnets, tmp_path_factory) -> Path:
     """A writable copy of the BadNets digits ViT, without a detector (plain predictions)."""
-    return private_copy(Path("/tmp/srvb-master"), tmp_path_factory.mktemp("plain") / "digits")
+    return private_copy(digits_vit_badnets, tmp_path_factory.mktemp("plain") / "digits")
 
 
 @pytest.fixture(scope="session")
@@ -48,5 +48,6 @@ def tabular_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def atpatch_bundle() -> Path:
-    return Path("/tmp/srvb-det")
+def atpatch_bundle(digits_vit_badnets_atpatch) -> Path:
+    """The shared BadNets digits ViT with its AtPatch detector (read-only: served, never written)."""
+    return digits_vit_badnets_atpatch

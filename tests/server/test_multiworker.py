@@ -65,7 +65,8 @@ def test_two_workers_metrics_logs_and_drain(plain_bundle, digits_data, tmp_path)
                     except httpx.TransportError:
                         return None  # not accepted: the server was already closing
                 tasks = [asyncio.ensure_future(one()) for _ in range(40)]
-                await asyncio.sleep(0.05)
+                # Stop once answers flow, i.e. with the rest of the burst in flight.
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 proc.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*tasks)
 
