@@ -57,8 +57,12 @@ def compas_ft(zoo_cache) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_vit_badnets_atpatch(zoo_cache, digits_vit_badnets) -> Path:
-    """``digits_vit_badnets`` plus an AtPatch detector version (25 epochs), built once per
-    session and shared (deploy, server, atpatch tests): never write into it."""
+    """``digits_vit_badnets`` plus an AtPatch detector version, built once per session and
+    shared (atpatch, server, deploy tests): never write into it.
+
+    25 epochs instead of the paper's 50 to fit the test budget; τ = 0.3 instead of 0.1 because on
+    this model τ = 0.1 flags too many clean maps (0.56 pt accuracy, bench/results/atpatch_digits.md)
+    while ASR is 0 % at both. The thresholds the tests assert are the issue's."""
     out = zoo_cache / "digits-vit-badnets-atpatch"
     if not (out / "CURRENT").exists():
         from offline.atpatch_build import build_detector
@@ -66,7 +70,7 @@ def digits_vit_badnets_atpatch(zoo_cache, digits_vit_badnets) -> Path:
         shutil.copytree(digits_vit_badnets, out)
         for p in out.rglob("*"):
             p.chmod(0o755 if p.is_dir() else 0o644)
-        build_detector(out, epochs=25, progress=False)
+        build_detector(out, epochs=25, threshold=0.3, progress=False)
     return out
 
 

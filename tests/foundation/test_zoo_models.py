@@ -121,20 +121,27 @@ def test_tabular_bundle_has_no_png_pair(compas_ft, tmp_path):
 
 
 def test_demo_bundle_is_built_once(tmp_path, monkeypatch, digits_vit_badnets):
+    import offline.atpatch_build
     import offline.zoo
     from offline.demo import demo_bundle
 
-    calls = []
+    calls, detector_builds = [], []
 
     def fake_train(out, **kw):  # the real build is the digits fixture; copy it instead
         calls.append(kw)
         shutil.copytree(digits_vit_badnets, out)
 
+    def fake_build(out, **kw):  # the real detector build is covered by tests/atpatch
+        detector_builds.append(Path(out))
+
     monkeypatch.setenv("REPAIR_PROXY_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(offline.zoo, "train_bundle", fake_train)
+    monkeypatch.setattr(offline.atpatch_build, "build_detector", fake_build)
     first = demo_bundle(progress=False)
     second = demo_bundle(progress=False)
     assert first == second == tmp_path / "home" / "demo" and len(calls) == 1
+    # the detector is built once, on the staged bundle before it is renamed into place
+    assert len(detector_builds) == 1 and detector_builds[0].name.startswith(".demo-")
     assert calls[0]["defect"] == "badnets" and Bundle(first).version().manifest["metrics"]["asr"] >= 0.95
     assert not [p for p in (tmp_path / "home").iterdir() if p.name.startswith(".demo-")]
 
