@@ -8,6 +8,7 @@ version) on a copy of the digits ViT Blend bundle: *cold* computes and stores th
 """
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import sys
@@ -45,8 +46,8 @@ def main():
                 print(rows[-1], flush=True)
     command = "python bench/rectify_timing.py"
     md = ["# One n=1 rectification of the digits ViT, 2 CPU threads", "",
-          f"Command: `{command}`. Target ≤ 30 s. The machine's 2 cores were shared with other "
-          "work while this ran, so these are upper bounds.", "",
+          f"Command: `{command}`. Target ≤ 30 s. Load average (1, 5, 15 min) at the end: "
+          f"{tuple(round(v, 2) for v in os.getloadavg())}.", "",
           "| key statistics | median s | max s |", "| --- | --- | --- |"]
     for mode in ("cold", "warm"):
         s = [r["seconds"] for r in rows if r["mode"] == mode]
