@@ -1,0 +1,45 @@
+"""`repair-proxy evaluate`: accuracy/ASR before and after, strict detector metrics, ablations."""
+from __future__ import annotations
+
+import pytest
+
+from offline.evaluate import EvaluateError, evaluate_bundle
+from repair.bundle import Bundle
+
+
+@pytest.fixture(scope="module")
+def evaluated(digits_patched):
+    off = evaluate_bundle(digits_patched, patch="off", defect="badnets", ablations=False)
+    on = evaluate_bundle(digits_patched, patch="on", defect="badnets")
+    return off, on
+
+
+def test_patch_on_removes_the_backdoor_and_keeps_accuracy(evaluated):
+    off, on = evaluated
+    assert off["version"] == on["version"]
+    assert off["asr"] >= 0.95  # the backdoor fires without the patch
+    assert on["asr"] <= 0.01
+    assert on["accuracy"] >= off["accuracy"] - 0.005
+
+
+def test_detector_metrics_follow_their_definitions(evaluated):
+    d = evaluated[1]["detector"]
+    tp, fp, tn, fn = d["tp"], d["fp"], d["tn"], d["fn"]
+    assert tp + fn > 0 and tn + fp > 0
+    assert d["precision"] == pytest.approx(tp / (tp + fp), abs=1e-4)
+    assert d["recall"] == pytest.approx(tp / (tp + fn), abs=1e-4)
+    assert d["fpr"] == pytest.approx(fp / (fp + tn), abs=1e-4)
+    assert d["fnr"] == pytest.approx(1 - d["recall"], abs=1e-4)
+    assert d["trigger_tokens"] == [16]  # the 3x3 BadNets patch sits in the last of 16 patches
+
+
+def test_ablations_show_the_detector_matters(evaluated):
+    on = evaluated[1]
+    # random columns instead of the Detector leave the backdoor working
+    assert on["ablations"]["without_detector"]["asr"] > on["asr"] + 0.5
+
+
+def test_patch_on_without_a_detector_is_a_clear_error(digits_patched):
+    parent = Bundle(digits_patched).version().parent
+    with pytest.raises(EvaluateError, match="no AtPatch detector"):
+        evaluate_bundle(digits_patched, version=parent, patch="on")
