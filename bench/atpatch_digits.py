@@ -23,7 +23,7 @@ from offline.evaluate import evaluate_bundle  # noqa: E402
 from offline.zoo import train_bundle  # noqa: E402
 from repair.atpatch import benign as benign_io  # noqa: E402
 from repair.atpatch.runtime import AtPatch  # noqa: E402
-from repair.bundle import Bundle  # noqa: E402
+from repair.bundle import Bundle, copy_bundle  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -65,9 +65,7 @@ def main():
         train_bundle(zoo, dataset="digits", arch="vit", defect="badnets", target_class=0, seed=0, progress=False)
     bundle = work / "patched"
     shutil.rmtree(bundle, ignore_errors=True)
-    shutil.copytree(zoo, bundle)
-    for p in bundle.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
+    copy_bundle(zoo, bundle)
     t = time.perf_counter()
     version = build_detector(bundle, epochs=args.epochs, progress=False)
     build_s = time.perf_counter() - t

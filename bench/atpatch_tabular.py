@@ -22,7 +22,7 @@ from offline.datasets import load_dataset  # noqa: E402
 from offline.evaluate import PatchedModel  # noqa: E402
 from repair.atpatch import benign as benign_io  # noqa: E402
 from repair.atpatch.runtime import AtPatch  # noqa: E402
-from repair.bundle import Bundle  # noqa: E402
+from repair.bundle import Bundle, copy_bundle  # noqa: E402
 from repair.metrics import accuracy, unfairness  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -40,9 +40,7 @@ def main():
     src = Path(args.bundle)
     bundle = Path(args.work) / src.name
     shutil.rmtree(bundle, ignore_errors=True)
-    shutil.copytree(src, bundle)
-    for p in bundle.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
+    copy_bundle(src, bundle)
     t = time.perf_counter()
     v = build_detector(bundle, protected=args.protected.split(","), epochs=args.epochs, progress=False)
     build_s = time.perf_counter() - t

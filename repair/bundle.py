@@ -60,6 +60,15 @@ def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
+def copy_bundle(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy a whole bundle (every version and CURRENT) to ``dst``, e.g. to build on it without
+    touching the original. The copied versions stay read-only: new versions are new directories."""
+    if not Bundle(src).exists():
+        raise BundleError(f"{src} is not a repair bundle (no CURRENT file)")
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".tmp-*", ".CURRENT-*"))
+    return Path(dst)
+
+
 @dataclass(frozen=True)
 class Version:
     """One immutable version, read lazily."""

@@ -5,11 +5,12 @@ Tests must not mutate these bundles; copy one (``copy_bundle``) before writing v
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+from repair.bundle import copy_bundle as _copy_bundle
 
 torch.set_num_threads(int(os.environ.get("REPAIR_TEST_THREADS", "2")))
 
@@ -67,9 +68,7 @@ def digits_vit_badnets_atpatch(zoo_cache, digits_vit_badnets) -> Path:
     if not (out / "CURRENT").exists():
         from offline.atpatch_build import build_detector
 
-        shutil.copytree(digits_vit_badnets, out)
-        for p in out.rglob("*"):
-            p.chmod(0o755 if p.is_dir() else 0o644)
+        _copy_bundle(digits_vit_badnets, out)
         build_detector(out, epochs=25, threshold=0.3, progress=False)
     return out
 
@@ -79,8 +78,6 @@ def copy_bundle(tmp_path):
     """Copy a shared bundle into this test's tmp dir so the test may write versions."""
     def copy(src: Path) -> Path:
         dst = tmp_path / src.name
-        shutil.copytree(src, dst)
-        for p in dst.rglob("*"):
-            p.chmod(0o755 if p.is_dir() else 0o644)
+        _copy_bundle(src, dst)
         return dst
     return copy

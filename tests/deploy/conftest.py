@@ -22,12 +22,10 @@ from deploy_procs import (BIN, PROMETHEUS, TOKEN, free_port, http_get,  # noqa: 
 def deploy_bundle(tmp_path_factory, digits_vit_badnets_atpatch) -> Path:
     """A writable copy of the shared BadNets digits bundle with its AtPatch detector (the
     server writes job files into the bundle it serves)."""
-    import shutil
-
     dst = tmp_path_factory.mktemp("deploy") / "bundle"
-    shutil.copytree(digits_vit_badnets_atpatch, dst)
-    for p in dst.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
+    from repair.bundle import copy_bundle
+
+    copy_bundle(digits_vit_badnets_atpatch, dst)
     return dst
 
 

@@ -12,6 +12,7 @@ from offline.datasets import load_dataset
 from offline.defects import Trigger
 from offline.rectify import RectifyError, rectify_from_files, rectify_images
 from repair.bundle import Bundle
+from repair.bundle import copy_bundle as _copy_bundle
 from repair.metrics import accuracy, attack_success_rate
 
 
@@ -32,12 +33,8 @@ def _digest(path):
 @pytest.fixture(scope="module")
 def rectified(digits_vit_blend, tmp_path_factory):
     """One dynamic n=1 rectification of a copy of the shared digits ViT Blend bundle."""
-    import shutil
-
     dst = tmp_path_factory.mktemp("rect") / "bundle"
-    shutil.copytree(digits_vit_blend, dst)
-    for p in dst.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
+    _copy_bundle(digits_vit_blend, dst)
     clean, corrupt, label, trig, data = _pair(dst)
     parent = Bundle(dst).version()
     parent_digest = _digest(parent.path / "model.safetensors")

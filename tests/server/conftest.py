@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server_live import private_copy
+from repair.bundle import copy_bundle
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +19,7 @@ def digits_data():
 @pytest.fixture(scope="module")
 def plain_bundle(digits_vit_badnets, tmp_path_factory) -> Path:
     """A writable copy of the BadNets digits ViT, without a detector (plain predictions)."""
-    return private_copy(digits_vit_badnets, tmp_path_factory.mktemp("plain") / "digits")
+    return copy_bundle(digits_vit_badnets, tmp_path_factory.mktemp("plain") / "digits")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import socket
 import threading
 import time
@@ -85,12 +84,3 @@ def live_server(bundle, **options):
         yield server
     finally:
         server.stop()
-
-
-def private_copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    for p in dst.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return dst
-
-

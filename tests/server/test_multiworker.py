@@ -13,7 +13,8 @@ import time
 
 import httpx
 
-from server_live import b64png, private_copy
+from repair.bundle import copy_bundle
+from server_live import b64png
 
 
 def _port() -> int:
@@ -30,7 +31,7 @@ def _counter(text: str, name: str, **labels) -> float:
 
 
 def test_two_workers_metrics_logs_and_drain(plain_bundle, digits_data, tmp_path):
-    bundle = private_copy(plain_bundle, tmp_path / "b")
+    bundle = copy_bundle(plain_bundle, tmp_path / "b")
     port = _port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "wb")

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from offline.worker import MAX_ATTEMPTS, JobStore
-from repair.bundle import Bundle
-from server_live import b64png, live_server, private_copy
+from repair.bundle import Bundle, copy_bundle
+from server_live import b64png, live_server
 
 TOKEN = "t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -22,7 +22,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture
 def bundle(plain_bundle, tmp_path):
-    return private_copy(plain_bundle, tmp_path / "b")
+    return copy_bundle(plain_bundle, tmp_path / "b")
 
 
 @pytest.fixture(scope="module")
