@@ -56,22 +56,19 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
             continue
 
         def fused():
-            atp.access.remove()
-            try:
-                with torch.no_grad():
-                    model(xc)
-            finally:
-                atp.access.install(atp._hook)
+            with atp.bare(), torch.no_grad():
+                model(xc)
 
         def eager():
-            atp.access.remove()
-            for m in atp.access.modules:
-                m.fused_attn = False
-            try:
-                with torch.no_grad():
+            with atp.bare(), torch.no_grad():
+                fused_before = [m.fused_attn for m in atp.access.modules]
+                for m in atp.access.modules:
+                    m.fused_attn = False
+                try:
                     model(xc)
-            finally:
-                atp.access.install(atp._hook)
+                finally:
+                    for m, was in zip(atp.access.modules, fused_before):
+                        m.fused_attn = was
 
         runs = {"fused": fused, "eager": eager, "off": lambda: atp(xc, "off"),
                 "on-clean": lambda: atp(xc, "on"), "on-patch": lambda: atp(xb, "on")}

@@ -19,9 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offline.atpatch_build import build_detector  # noqa: E402
 from offline.datasets import load_dataset  # noqa: E402
-from offline.evaluate import PatchedModel  # noqa: E402
 from repair.atpatch import benign as benign_io  # noqa: E402
-from repair.atpatch.runtime import AtPatch  # noqa: E402
+from repair.atpatch.runtime import AtPatch, PatchedModel  # noqa: E402
 from repair.bundle import Bundle, copy_bundle  # noqa: E402
 from repair.metrics import accuracy, unfairness  # noqa: E402
 
@@ -55,10 +54,14 @@ def main():
     rows = {"off": {"accuracy": round(accuracy(model, x, y), 4),
                     "uf": {n: round(unfairness(model, x, p["column"], p["values"]), 4)
                            for n, p in meta["protected"].items()}}}
-    for variant in ("replace", "masked"):
-        a = AtPatch(model, det, benign, threshold=meta["threshold"], variant=variant)
+    # Both variants on every layer (the comparison the issue asks for), then what the build chose.
+    configs = {"replace, all layers": ("replace", None), "masked, all layers": ("masked", None),
+               f"served: {meta['variants']['fairness']}, layers {meta['layers']}":
+                   (meta["variants"]["fairness"], meta["layers"])}
+    for name, (variant, layers) in configs.items():
+        a = AtPatch(model, det, benign, threshold=meta["threshold"], variant=variant, layers=layers)
         net = PatchedModel(a)
-        rows[variant] = {"accuracy": round(accuracy(net, x, y), 4),
+        rows[name] = {"accuracy": round(accuracy(net, x, y), 4),
                          "uf": {n: round(unfairness(net, x, p["column"], p["values"]), 4)
                                 for n, p in meta["protected"].items()},
                          "patch_rate": round(a(x).patched.float().mean().item(), 4)}
@@ -66,6 +69,7 @@ def main():
     command = "python bench/atpatch_tabular.py " + " ".join(sys.argv[1:])
     entry = {"command": command, "bundle": src.name, "build_seconds": round(build_s, 1),
              "chosen_variant": meta["variants"], "variant_selection": meta["variant_selection"],
+             "layer_selection": meta["layer_selection"],
              "detector_metrics": meta["detector_metrics"], "debugging_set": meta["debugging_set"],
              "results": rows}
     path = OUT / "atpatch_tabular.json"

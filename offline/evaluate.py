@@ -15,9 +15,9 @@ import torch
 
 from offline.datasets import ImageData, load_dataset
 from offline.defects import Trigger
-from repair.atpatch.debugging_set import excess_layers, pair_labels, patch_tokens
+from repair.atpatch.debugging_set import excess_layers, patch_tokens
 from repair.atpatch.detector import strict_metrics
-from repair.atpatch.runtime import AtPatch
+from repair.atpatch.runtime import AtPatch, PatchedModel
 from repair.attention import attention_maps
 from repair.bundle import Bundle
 from repair.metrics import accuracy, attack_success_rate, predict, unfairness
@@ -25,17 +25,6 @@ from repair.metrics import accuracy, attack_success_rate, predict, unfairness
 
 class EvaluateError(ValueError):
     pass
-
-
-class PatchedModel(torch.nn.Module):
-    """``AtPatch`` in a mode as a plain ``model(x) -> logits`` for the shared metrics."""
-
-    def __init__(self, patch: AtPatch, mode: str = "on"):
-        super().__init__()
-        self.patch, self.mode, self.inner = patch, mode, patch.model
-
-    def forward(self, x):
-        return self.patch(x, self.mode).logits
 
 
 def _trigger(version, defect, visibility, location) -> Trigger | None:
@@ -64,24 +53,27 @@ def _random_selector(n_tokens: int, seed: int = 0):
 
 
 def detector_metrics(patch: AtPatch, model, x_clean, x_bad, y, target, mask, patch_size) -> dict:
-    """Strict §4.2.2 metrics of the Detector on unpatched maps (every layer is one map)."""
+    """Strict §4.2.2 metrics of the Detector on unpatched maps, one map per layer it runs on: a
+    triggered input on which the backdoor works is an over-attention map whose anomalous columns
+    are the real trigger's tokens; a clean input of the same count is a clean map."""
+    from repair.atpatch.detector import detect_maps
+
     works = (predict(model, x_bad) == target) & (y != target)
     xb = x_bad[works]
     xc = x_clean[~works][: len(xb)] if (~works).sum() >= len(xb) else x_clean[: len(xb)]
     maps_b, maps_c = attention_maps(model, xb), attention_maps(model, xc)
     tokens = patch_tokens(mask, patch_size)
-    maps_pc = attention_maps(model, x_clean[works])
-    layers, ratios = excess_layers(maps_pc, maps_b, tokens, 2.0)
-    truth_b = [y.bool() for y in pair_labels(maps_pc, maps_b, tokens, layers, 2.0)]
-    det = patch.detector
-    from repair.atpatch.detector import detect_maps
-
-    flags_b, flags_c = detect_maps(det, maps_b, patch.threshold), detect_maps(det, maps_c, patch.threshold)
+    _, ratios = excess_layers(attention_maps(model, x_clean[works]), maps_b, tokens, 2.0)
+    run = patch.layers
+    flags_b = detect_maps(patch.detector, [maps_b[l] for l in run], patch.threshold, layers=run)
+    flags_c = detect_maps(patch.detector, [maps_c[l] for l in run], patch.threshold, layers=run)
+    truth_b = torch.zeros(len(xb), maps_b[0].shape[-1], dtype=torch.bool)
+    truth_b[:, tokens] = True
     flags = torch.cat(flags_b + flags_c)
-    truth = torch.cat(truth_b + [torch.zeros_like(f) for f in flags_c])
+    truth = torch.cat([truth_b] * len(run) + [torch.zeros_like(f) for f in flags_c])
     out = strict_metrics(flags, truth)
-    out.update(maps_triggered=len(xb), maps_clean=len(xc), trigger_tokens=tokens, anomalous_layers=layers,
-               excess_ratio=[round(r, 2) for r in ratios])
+    out.update(maps_triggered=len(xb) * len(run), maps_clean=len(xc) * len(run), trigger_tokens=tokens,
+               detector_layers=run, trigger_excess_ratio=[round(r, 2) for r in ratios])
     return out
 
 
@@ -157,10 +149,9 @@ def _vision(result, v, model, atp, net, data, defect, target_class, visibility, 
     result["patch_rate"] = {"clean": round(atp(data.x_test).patched.float().mean().item(), 4),
                             "triggered": round(atp(x_bad).patched.float().mean().item(), 4)}
     patch_size = int(v.manifest["architecture"].get("patch_size", 4))
-    atp.access.remove()
-    result["detector"] = detector_metrics(atp, model, data.x_test, x_bad, data.y_test, target,
-                                          trig.mask, patch_size)
-    atp.access.install(atp._hook)
+    with atp.bare():
+        result["detector"] = detector_metrics(atp, model, data.x_test, x_bad, data.y_test, target,
+                                              trig.mask, patch_size)
     if ablations:
         result["ablations"] = _ablations(atp, data.x_test, data.y_test, x_bad, target)
     if heatmaps:

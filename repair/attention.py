@@ -89,11 +89,15 @@ class AttentionAccess:
 
     # -- installing ----------------------------------------------------------------------------
 
-    def install(self, fn: AttnFn) -> None:
-        """Call ``fn(layer, attn)`` at every layer of every forward; its return replaces ``attn``."""
+    def install(self, fn: AttnFn, layers: list[int] | None = None) -> None:
+        """Call ``fn(layer, attn)`` at each of ``layers`` (default: all) in every forward; its return
+        replaces ``attn``. Layers not hooked keep their own (possibly fused) attention."""
         self.remove()
+        hooked = set(range(self.n_layers) if layers is None else layers)
         if self.kind == "timm-vit":
             for i, attn in enumerate(self.modules):
+                if i not in hooked:
+                    continue
                 prev = attn.fused_attn
                 attn.fused_attn = False
                 self._restore.append(lambda a=attn, p=prev: setattr(a, "fused_attn", p))
@@ -102,6 +106,8 @@ class AttentionAccess:
         elif self.kind == "ft-transformer":
             heads = self.num_heads
             for i, attn in enumerate(self.modules):
+                if i not in hooked:
+                    continue
                 if attn.dropout is None:
                     attn.dropout = nn.Dropout(0.0)
                     self._restore.append(lambda a=attn: setattr(a, "dropout", None))
@@ -112,10 +118,11 @@ class AttentionAccess:
             cfg = self.model.vit.config
             prev = cfg._attn_implementation
             cfg._attn_implementation = _HF_NAME
-            for i, attn in enumerate(self.modules):
+            mods = [(i, a) for i, a in enumerate(self.modules) if i in hooked]
+            for i, attn in mods:
                 attn._atpatch_hook = (lambda a, i=i: fn(i, a))
             self._restore.append(lambda: setattr(cfg, "_attn_implementation", prev))
-            self._restore.extend(lambda a=a: delattr(a, "_atpatch_hook") for a in self.modules)
+            self._restore.extend(lambda a=a: delattr(a, "_atpatch_hook") for _, a in mods)
 
     def remove(self) -> None:
         for h in self._handles:

@@ -73,6 +73,19 @@ def digits_vit_badnets_atpatch(zoo_cache, digits_vit_badnets) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def compas_ft_atpatch(zoo_cache, compas_ft) -> Path:
+    """``compas_ft`` plus an AtPatch fairness detector for race and sex (``atpatch build
+    --protected race,sex``), shared read-only. 10 epochs instead of 50 to fit the test budget."""
+    out = zoo_cache / "compas-ft-atpatch"
+    if not (out / "CURRENT").exists():
+        from offline.atpatch_build import build_detector
+
+        _copy_bundle(compas_ft, out)
+        build_detector(out, protected=["race", "sex"], epochs=10, progress=False)
+    return out
+
+
 @pytest.fixture
 def copy_bundle(tmp_path):
     """Copy a shared bundle into this test's tmp dir so the test may write versions."""

@@ -1,13 +1,24 @@
 """The Detector (AtPatch §3.3): per-column anomaly probabilities of one attention map.
 
-Eq. 5: the map is averaged over heads; Eq. 6: a CNN reads the ``Nq x N`` map, its features are
-pooled over the query rows (max and mean), and a per-column MLP gives one logit per column
-(``σ`` of it is ``P_anomaly``). One Detector serves every layer: a learned layer embedding is
-added to the MLP's hidden layer. There is deliberately no per-token embedding: an inverted
-trigger may sit on another token than the real one (measured on the digits ViT: one patch up),
-so the Detector must judge a column by its attention, not by its position. Pooling over rows makes it accept
-any number of query rows (the FT-Transformer's last layer has one). ``features`` is ``f_θ`` of
-Eq. 8; ``train_detector`` minimises Eq. 7 (BCE + λ·contrastive) with AdamW.
+Eq. 5: the map is averaged over heads. Eq. 6: ``σ(MLP(CNN(φ(A))))`` per column. Our CNN reads the
+map's *column profile*: for every column, four statistics over the query rows (mean and max of
+``a·N``, the attention relative to uniform, and of ``log(a / Q)``, relative to what clean inputs pay
+that column, Eq. 10). A 1-D convolution (kernel 3) runs along the columns so that each column's
+score sees its neighbouring tokens, and a per-column MLP gives one logit per column.
+
+Why profiles, not a 2-D CNN over the full ``Nq x N`` map: the first version ran a 2-D CNN (3x3,
+16 channels) and then pooled over rows. On the digits ViT it cost +60 % (batch 1) and +111 %
+(batch 64) over the eager forward, because the 3x3 conv and the row pooling of its 16-channel
+output ran on every map. Pooling first leaves a few reductions per map. Trained on the same
+debugging set (held out 20 %, τ = 0.1), the two detected about equally well (strict F1 0.79
+profile, 0.85 2-D) and both brought the real trigger's ASR to 0; see ``bench/results/atpatch_*.md``
+for the current numbers. Over-attention is a property of a column's mass, which the profile keeps.
+
+One Detector serves every layer: a learned layer embedding is added to the MLP's hidden layer.
+There is no per-token embedding: an inverted trigger may sit on another token than the real one
+(on the digits ViT it is one patch up), so a column is judged by its attention, not its position.
+Row statistics accept any number of query rows (the FT-Transformer's last layer has one).
+``features`` is ``f_θ`` of Eq. 8; ``train_detector`` minimises Eq. 7 (BCE + λ·contrastive) with AdamW.
 
 Hyper-parameters live in the manifest (``config()``), tensors in ``detector.safetensors``.
 """
@@ -25,6 +36,8 @@ class DetectorError(ValueError):
 
 
 _EPS = 1e-4
+DESIGN = "column-profile-cnn"
+_PROFILE = 4  # statistics per column
 
 
 class Detector(nn.Module):
@@ -33,12 +46,11 @@ class Detector(nn.Module):
         super().__init__()
         self.n_layers, self.seq_len, self.channels, self.hidden = n_layers, seq_len, channels, hidden
         self.query_lens = list(query_lens or [seq_len] * n_layers)
-        # Two input channels: the map (x N) and its log-ratio to the benign map Q (Eq. 10), so a
-        # column is judged against what clean inputs pay it, whichever token it is.
+        # log(1 / (Q + ε)) per layer: log(a / Q) is then one add on the hot path.
         for l, nq in enumerate(self.query_lens):
-            self.register_buffer(f"inv_benign{l}", torch.ones(nq, seq_len))
-        self.conv = nn.Conv2d(2, channels, 3, padding=1)
-        self.mix = nn.Conv1d(2 * channels, hidden, 1)
+            self.register_buffer(f"log_inv_benign{l}", torch.zeros(nq, seq_len))
+        self.conv = nn.Conv1d(_PROFILE, channels, 3, padding=1)
+        self.mix = nn.Conv1d(channels, hidden, 1)
         self.layer_emb = nn.Parameter(torch.zeros(n_layers, hidden, 1))
         self.out = nn.Conv1d(hidden, 1, 1)
         # Start from the prior "almost every column is normal" (p ≈ 2 %), not p = 0.5, which at
@@ -48,14 +60,17 @@ class Detector(nn.Module):
 
     def set_benign(self, benign: list[torch.Tensor]) -> None:
         for l, q in enumerate(benign):
-            getattr(self, f"inv_benign{l}").copy_(1.0 / (q + _EPS))
+            getattr(self, f"log_inv_benign{l}").copy_(-torch.log(q + _EPS))
 
     def config(self) -> dict:
-        return {"n_layers": self.n_layers, "seq_len": self.seq_len, "channels": self.channels,
-                "hidden": self.hidden, "query_lens": self.query_lens}
+        return {"design": DESIGN, "n_layers": self.n_layers, "seq_len": self.seq_len,
+                "channels": self.channels, "hidden": self.hidden, "query_lens": self.query_lens}
 
     @classmethod
     def from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "Detector":
+        if config.get("design") != DESIGN:
+            raise DetectorError(f"detector design {config.get('design', '2-D map CNN')!r} is not "
+                                f"{DESIGN!r}; rebuild it with `repair-proxy atpatch build`")
         try:
             det = cls(int(config["n_layers"]), int(config["seq_len"]), int(config["channels"]),
                       int(config["hidden"]), [int(q) for q in config["query_lens"]])
@@ -64,19 +79,17 @@ class Detector(nn.Module):
             raise DetectorError(f"detector does not match its manifest config {config}: {err}") from err
         return det
 
-    def _head(self, z: torch.Tensor, layer: int) -> torch.Tensor:
-        """CNN features ``(B, C, Nq, N)`` → per-column hidden features ``(B, hidden, N)``."""
-        z = F.relu(z)
-        pooled = torch.cat([z.amax(2), z.mean(2)], 1)
-        return F.relu(self.mix(pooled) + self.layer_emb[layer])
-
-    def _input(self, a: torch.Tensor, layer: int) -> torch.Tensor:
-        ratio = torch.log((a + _EPS) * getattr(self, f"inv_benign{layer}"))
-        return torch.stack([a * a.shape[-1], ratio], 1)
+    def profile(self, a: torch.Tensor, layer: int) -> torch.Tensor:
+        """Head-averaged maps ``(B, Nq, N)`` → column profiles ``(B, 4, N)``: mean and max over
+        rows of ``a·N`` and of ``log(a / Q)``."""
+        n = a.shape[-1]
+        ratio = torch.log(a + _EPS) + getattr(self, f"log_inv_benign{layer}")
+        return torch.stack([a.mean(1) * n, a.amax(1) * n, ratio.mean(1), ratio.amax(1)], 1)
 
     def features(self, a: torch.Tensor, layer: int) -> torch.Tensor:
         """``f_θ``: head-averaged maps ``(B, Nq, N)`` → ``(B, hidden, N)``."""
-        return self._head(self.conv(self._input(a, layer)), layer)
+        z = F.relu(self.conv(self.profile(a, layer)))
+        return F.relu(self.mix(z) + self.layer_emb[layer])
 
     def forward(self, a: torch.Tensor, layer: int) -> torch.Tensor:
         """Eq. 6 before σ: logits ``(B, N)`` of head-averaged maps ``(B, Nq, N)``."""
@@ -84,24 +97,40 @@ class Detector(nn.Module):
 
     # -- the hot path ------------------------------------------------------------------------
 
-    def prepare(self, num_heads: int) -> None:
-        """Precompute what the hot path reuses (detached weights, per-layer biases)."""
-        self._fast = {"heads": num_heads, "weight": self.conv.weight.detach(), "bias": self.conv.bias.detach(),
-                      "hidden_bias": [self.layer_emb[l].detach() for l in range(self.n_layers)]}
+    def prepare(self) -> None:
+        """Fold what the hot path reuses into plain matrices, channels last: the ×N of the profile
+        into the conv weights, the layer embedding into the mix bias."""
+        n = self.seq_len
+        w = self.conv.weight.detach().clone()                     # (C, 4, 3)
+        w[:, :2] *= n
+        w = w[:, [0, 2, 1, 3]]  # the hot path's profile order: means of (a, ratio), then maxima
+        self._fast = {"conv_w": w.permute(2, 1, 0).reshape(3 * _PROFILE, -1).contiguous(),
+                      "conv_b": self.conv.bias.detach(),
+                      "mix_w": self.mix.weight.detach()[:, :, 0].t().contiguous(),
+                      "mix_b": [(self.mix.bias + self.layer_emb[l, :, 0]).detach() for l in range(self.n_layers)],
+                      "out_w": self.out.weight.detach()[0, :, 0], "out_b": self.out.bias.detach()}
 
     def logits_from_heads(self, attn: torch.Tensor, layer: int) -> torch.Tensor:
-        """Logits ``(B, N)`` from the per-head map ``(B, H, Nq, N)`` (after ``prepare``)."""
+        """Logits ``(B, N)`` from the per-head map ``(B, H, Nq, N)`` (after ``prepare``): the same
+        function as ``forward(attn.mean(1))``, with the convolutions as matrix products on
+        ``(B·N, features)`` rows (measured: a third faster than ``conv1d`` at batch 64)."""
         f = self._fast
-        z = F.relu(F.conv2d(self._input(attn.mean(1), layer), f["weight"], f["bias"], padding=1))
-        pooled = torch.cat([z.amax(2), z.mean(2)], 1)
-        h = F.relu(F.conv1d(pooled, self.mix.weight, self.mix.bias) + f["hidden_bias"][layer])
-        return F.conv1d(h, self.out.weight, self.out.bias).squeeze(1)
+        a = attn.mean(1)
+        b, n = a.shape[0], a.shape[-1]
+        ratio = (a + _EPS).log_().add_(getattr(self, f"log_inv_benign{layer}"))
+        both = torch.stack([a, ratio], -1)                                             # (B, Nq, N, 2)
+        prof = torch.cat([both.mean(1), both.amax(1)], -1)                             # (B, N, 4)
+        # each row: the profiles of columns j-1, j, j+1 (zero-padded), as the kernel-3 conv reads them
+        windows = F.pad(prof, (0, 0, 1, 1)).unfold(1, 3, 1).transpose(2, 3).reshape(b * n, 3 * _PROFILE)
+        z = torch.addmm(f["conv_b"], windows, f["conv_w"]).relu_()                    # (B·N, C)
+        h = torch.addmm(f["mix_b"][layer], z, f["mix_w"]).relu_()                      # (B·N, hidden)
+        return (h @ f["out_w"]).view(b, n).add_(f["out_b"])
 
     def _apply(self, fn, *args, **kwargs):
         # Moving the module re-derives the folded weights on the new device.
         out = super()._apply(fn, *args, **kwargs)
         if self._fast is not None:
-            self.prepare(self._fast["heads"])
+            self.prepare()
         return out
 
 
@@ -208,11 +237,13 @@ def train_detector(maps: list[torch.Tensor], labels: list[torch.Tensor], partner
 
 @torch.no_grad()
 def detect_maps(det: Detector, maps: list[torch.Tensor], threshold: float,
-                batch_size: int = 1024) -> list[torch.Tensor]:
-    """Flags ``(M, N)`` per layer for head-averaged maps ``(M, Nq, N)`` (Eq. 9)."""
+                batch_size: int = 1024, layers: list[int] | None = None) -> list[torch.Tensor]:
+    """Flags ``(M, N)`` for head-averaged maps ``(M, Nq, N)`` (Eq. 9), one entry per layer
+    (``maps[i]`` is layer ``layers[i]``; default: every layer in order)."""
     z = logit_threshold(threshold)
+    layers = range(len(maps)) if layers is None else layers
     return [torch.cat([det(m[i:i + batch_size], l) > z for i in range(0, len(m), batch_size)])
-            for l, m in enumerate(maps)]
+            for l, m in zip(layers, maps)]
 
 
 def strict_metrics(flags: torch.Tensor, truth: torch.Tensor) -> dict:

@@ -8,6 +8,7 @@ reading a flag is not a device sync, layers with nothing flagged skip Γ altoget
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,13 +57,13 @@ class AtPatch:
         self.observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
         self.detector = detector.to(device).eval() if detector is not None else None
         if self.detector is not None:
-            self.detector.prepare(self.access.num_heads)
+            self.detector.prepare()
         self._tau_logit = logit_threshold(threshold)
         self.layers = sorted(set(range(n_layers) if layers is None else layers))
         self._benign = [None if variant == "masked" else q.to(device) for q in benign]
         self._on = False
-        self._flags: list[torch.Tensor | None] = []
-        self.access.install(self._hook)
+        self._flags: torch.Tensor | None = None  # (B, L, N) of the request in flight
+        self.access.install(self._hook, self.layers)
 
     # -- construction from a bundle version -----------------------------------------------------
 
@@ -86,14 +87,19 @@ class AtPatch:
     def _hook(self, layer: int, attn: torch.Tensor):
         if not self._on or layer not in self.layers:
             return None
+        cpu = attn.device.type == "cpu"  # on the CPU reading a value is no device sync
         if self.selector is not None:
             flags = self.selector(layer, attn)
+            nothing = cpu and not bool(flags.any())
         else:
-            flags = self.detector.logits_from_heads(attn, layer) > self._tau_logit
-        self._flags[layer] = flags
-        if attn.device.type == "cpu" and not bool(flags.any()):
-            out = None  # a CPU read is no device sync: skip Γ when nothing is flagged
+            scores = self.detector.logits_from_heads(attn, layer)
+            # one max decides "nothing flagged" for the whole batch (the common, clean case)
+            nothing = cpu and float(scores.max()) <= self._tau_logit
+            flags = None if nothing else scores > self._tau_logit
+        if nothing:
+            out = None  # Γ skipped, the map kept as it is
         else:
+            self._flags[:, layer] = flags
             out = redistribute(attn, flags, self._benign[layer], rescale=self.rescale)
         if self.observer is not None:
             self.observer(layer, attn, attn if out is None else out)
@@ -103,17 +109,36 @@ class AtPatch:
     def __call__(self, x: torch.Tensor, mode: str = "on") -> PatchResult:
         if mode not in MODES:
             raise ValueError(f"patch mode must be one of {', '.join(MODES)}, got {mode!r}")
-        n_layers, n = self.access.n_layers, self.access.seq_len
-        self._on = mode == "on"
-        self._flags = [None] * n_layers
+        # The hooks write each layer's flags in place: one allocation per request, no per-layer list.
+        flagged = torch.zeros(len(x), self.access.n_layers, self.access.seq_len, dtype=torch.bool,
+                              device=x.device)
+        self._on, self._flags = mode == "on", flagged
         try:
             logits = self.model(x)
         finally:
-            self._on = False
-        empty = torch.zeros(len(x), n, dtype=torch.bool, device=logits.device)
-        flagged = torch.stack([f if f is not None else empty for f in self._flags], 1)
-        self._flags = []
+            self._on, self._flags = False, None
         return PatchResult(logits, flagged.flatten(1).any(1), flagged)
+
+    @contextmanager
+    def bare(self):
+        """The model without hooks (each attention layer back to its own, fused, path) for the
+        duration: for reading unpatched maps and for baselines."""
+        self.access.remove()
+        try:
+            yield self.model
+        finally:
+            self.access.install(self._hook, self.layers)
 
     def remove(self) -> None:
         self.access.remove()
+
+
+class PatchedModel(nn.Module):
+    """``AtPatch`` in a mode as a plain ``model(x) -> logits`` for the shared metrics."""
+
+    def __init__(self, patch: AtPatch, mode: str = "on"):
+        super().__init__()
+        self.patch, self.mode, self.inner = patch, mode, patch.model
+
+    def forward(self, x):
+        return self.patch(x, self.mode).logits

@@ -88,8 +88,9 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
             where = fresh[0]
         target = layers[where]
         saved = target.module.weight.detach().clone()
+        used = [e.d for e in out.edits if e.layer == where]              # earlier kept d's here
         edit = rank_one_edit(model, target, stats[where], clean, corrupt, steps=epochs, lr=lr,
-                             value=value)                                        # line 4
+                             value=value, used=used)                             # line 4
         new_acc = accuracy(model, val_x, val_y)
         drop = out.accuracy_before - new_acc                             # line 5
         new_gap = prediction_gap(model, clean, corrupt)                  # line 6

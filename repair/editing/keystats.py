@@ -42,6 +42,10 @@ class LayerStats:
         """``C⁻¹ k`` (with shrinkage) for keys ``(..., n)``."""
         return self._apply_power(k, -1.0)
 
+    def sqrt(self, k: torch.Tensor) -> torch.Tensor:
+        """``C^{1/2} k = Z⁻¹ k`` (back from the whitened space)."""
+        return self._apply_power(k, 0.5)
+
     def whiten(self, k: torch.Tensor) -> torch.Tensor:
         """``Z k = C^{-1/2} k`` (ZCA whitening, appendix §9)."""
         return self._apply_power(k, -0.5)

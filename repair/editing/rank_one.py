@@ -40,10 +40,23 @@ def corrupt_keys(model: nn.Module, layer: EditableLayer, corrupt: torch.Tensor) 
     return layer.keys(rec[layer.name][0]).reshape(-1, layer.key_dim)
 
 
-def edit_direction(stats: LayerStats, keys: torch.Tensor) -> torch.Tensor:
-    """``d = Z u`` with ``u`` the top singular direction of the whitened keys (∝ C⁻¹k* for one key)."""
-    zk = stats.whiten(keys.double()).float()                 # (P, n) rows are Z k_p
-    _, _, vh = torch.linalg.svd(zk, full_matrices=False)     # top right singular vector of rows
+def edit_direction(stats: LayerStats, keys: torch.Tensor,
+                   used: list[torch.Tensor] | tuple = ()) -> torch.Tensor:
+    """``d = Z u`` with ``u`` the top singular direction of the whitened keys (∝ C⁻¹k* for one key).
+
+    ``used``: directions ``d`` of edits already kept at this layer. Their whitened directions
+    ``u' ∝ Z⁻¹d`` are projected out of the whitened keys first, so ``u`` is the top singular
+    direction of what they left (the next singular direction when the keys are unchanged), and
+    the new ``d`` is ``C``-orthogonal to the earlier ones (``dᵀ C d' = uᵀu' = 0``). Together the
+    rank-one rounds of Algorithm 1 at one layer then span Bau et al.'s rank-r multi-key rewrite
+    (§9) instead of re-fitting the same ``d``, where ``Λ`` is already optimal (a fixed point).
+    """
+    zk = stats.whiten(keys.double())                          # (P, n) rows are Z k_p
+    for prev in used:
+        u = stats.sqrt(prev.to(zk))                           # Z⁻¹ d' ∝ u'
+        u = u / u.norm().clamp_min(1e-12)
+        zk = zk - (zk @ u)[:, None] * u                       # deflate the whitened keys
+    _, _, vh = torch.linalg.svd(zk.float(), full_matrices=False)  # top right singular vector
     d = stats.whiten(vh[0].double()).float()
     proj = keys @ d
     if proj.mean() < 0:                                      # orient so that dᵀk* > 0 on average
@@ -53,7 +66,8 @@ def edit_direction(stats: LayerStats, keys: torch.Tensor) -> torch.Tensor:
 
 def rank_one_edit(model: nn.Module, layer: EditableLayer, stats: LayerStats, clean: torch.Tensor,
                   corrupt: torch.Tensor, steps: int = 100, lr: float = 0.1,
-                  value: str = "logits", optimizer: str = "adam", apply: bool = True) -> RankOneEdit:
+                  value: str = "logits", optimizer: str = "adam", apply: bool = True,
+                  used: list[torch.Tensor] | tuple = ()) -> RankOneEdit:
     """Eq. 1: find ``Λ`` so the corrupt keys yield the clean values; fold ``Λ dᵀ`` into ``W``.
 
     ``value`` says where ``v*`` is read (see :mod:`repair.editing.layers`). ``Λ`` has only
@@ -62,10 +76,11 @@ def rank_one_edit(model: nn.Module, layer: EditableLayer, stats: LayerStats, cle
     ViT with 20 pairs the first round's gap was 0.11 after 100 steps, 0.032 after 300 (the
     default number of epochs ``T`` in :func:`repair.editing.dynamic.rectify`).
     ``optimizer="lbfgs"`` (strong-Wolfe L-BFGS, ``steps`` iterations) is the alternative.
+    ``used``: directions of edits already kept at this layer (see :func:`edit_direction`).
     """
     with torch.no_grad():
         target = value_at(model, layer, clean, value).detach()
-    d = edit_direction(stats, corrupt_keys(model, layer, corrupt)).detach()
+    d = edit_direction(stats, corrupt_keys(model, layer, corrupt), used).detach()
     lam = torch.zeros(layer.value_dim, device=d.device, requires_grad=True)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:

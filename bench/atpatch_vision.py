@@ -1,7 +1,9 @@
-"""AtPatch on the digits ViT BadNets zoo model: build (timed), evaluate off/on, τ and variant sweep.
+"""AtPatch on a vision zoo model: build (timed), evaluate off/on, τ and variant sweep (on the
+layers the build chose). Default: the digits ViT BadNets model, trained here if missing.
 
-    .venv/bin/python bench/atpatch_digits.py [--epochs 50] [--work /tmp/atpatch-digits]
-Writes bench/results/atpatch_digits.{json,md} and heatmaps under bench/results/atpatch_heatmaps/.
+    .venv/bin/python bench/atpatch_vision.py [--epochs 50] [--work /tmp/atpatch-digits]
+    .venv/bin/python bench/atpatch_vision.py --zoo /work/zoo-runs/fashion-vit-trojan --name fashion-trojan
+Writes bench/results/atpatch_NAME.{json,md} and heatmaps under bench/results/atpatch_heatmaps/NAME.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ OUT = Path(__file__).resolve().parent / "results"
 def sweep(bundle: Path) -> list[dict]:
     v = Bundle(bundle).version()
     model = v.build_model()
-    data = load_dataset("digits")
+    data = load_dataset(v.manifest["dataset"]["name"])
     trig = Trigger.from_tensors(v.tensors("defect"))
     target = v.manifest["defect"]["target_class"]
     xb = trig.apply(data.x_test[data.y_test != target])
@@ -42,7 +44,7 @@ def sweep(bundle: Path) -> list[dict]:
     rows = []
     for tau in (0.1, 0.2, 0.3, 0.5):
         for variant in ("replace", "masked"):
-            a = AtPatch(model, det, benign, threshold=tau, variant=variant)
+            a = AtPatch(model, det, benign, threshold=tau, variant=variant, layers=v.manifest["atpatch"]["layers"])
             r, rb = a(data.x_test), a(xb)
             rows.append({"threshold": tau, "variant": variant,
                          "accuracy": round((r.logits.argmax(-1) == data.y_test).float().mean().item(), 4),
@@ -57,10 +59,12 @@ def main():
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--work", default="/tmp/atpatch-digits")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--zoo", help="an existing zoo bundle (default: train the digits ViT BadNets)")
+    ap.add_argument("--name", default="digits")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    zoo = work / "zoo"
+    zoo = Path(args.zoo) if args.zoo else work / "zoo"
     if not (zoo / "CURRENT").exists():
         train_bundle(zoo, dataset="digits", arch="vit", defect="badnets", target_class=0, seed=0, progress=False)
     bundle = work / "patched"
@@ -70,20 +74,22 @@ def main():
     version = build_detector(bundle, epochs=args.epochs, progress=False)
     build_s = time.perf_counter() - t
     off = evaluate_bundle(bundle, patch="off")
-    on = evaluate_bundle(bundle, patch="on", heatmaps=str(OUT / "atpatch_heatmaps"))
+    on = evaluate_bundle(bundle, patch="on", heatmaps=str(OUT / "atpatch_heatmaps" / args.name))
     on["heatmaps"] = [str(Path(p).relative_to(OUT.parent.parent)) for p in on.get("heatmaps", [])]
-    command = "python bench/atpatch_digits.py " + " ".join(sys.argv[1:])
+    command = "python bench/atpatch_vision.py " + " ".join(sys.argv[1:])
     result = {"command": command, "threads": args.threads, "build_seconds": round(build_s, 1),
               "atpatch_manifest": {k: version.manifest["atpatch"][k] for k in
-                                   ("threshold", "variants", "variant_selection", "detector_metrics",
-                                    "debugging_set", "inversion", "training")},
+                                   ("threshold", "variants", "variant_selection", "layers", "layer_selection",
+                                    "detector_metrics", "debugging_set", "inversion", "training")},
               "off": off, "on": on, "sweep": sweep(bundle)}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "atpatch_digits.json").write_text(json.dumps(result, indent=1))
+    (OUT / f"atpatch_{args.name}.json").write_text(json.dumps(result, indent=1))
     d = on["detector"]
-    lines = ["# AtPatch on digits ViT BadNets", "", f"Command: `{command}` ({args.threads} threads)", "",
-             f"Build (inversion + debugging set + Detector {args.epochs} epochs + variant choice): "
-             f"{build_s:.1f} s", "",
+    defect = version.manifest.get("defect", {}).get("type", "?")
+    lines = [f"# AtPatch on {version.manifest['dataset']['name']} {version.manifest['architecture']['arch']} "
+             f"{defect}", "", f"Command: `{command}` ({args.threads} threads)", "",
+             f"Build (inversion + debugging set + Detector {args.epochs} epochs + variant and layer choice): "
+             f"{build_s:.1f} s; the Detector runs on layers {version.manifest['atpatch']['layers']}", "",
              "| | accuracy | ASR |", "|---|---|---|",
              f"| off | {off['accuracy']} | {off['asr']} |", f"| on (τ={version.manifest['atpatch']['threshold']}) | "
              f"{on['accuracy']} | {on['asr']} |"]
@@ -94,7 +100,7 @@ def main():
               "| τ | variant | accuracy | ASR | clean patch rate |", "|---|---|---|---|---|"]
     lines += [f"| {r['threshold']} | {r['variant']} | {r['accuracy']} | {r['asr']} | {r['clean_patch_rate']} |"
               for r in result["sweep"]]
-    (OUT / "atpatch_digits.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"atpatch_{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
