@@ -56,10 +56,15 @@ def main():
     ap.add_argument("--budget", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n", type=int, action="append", help="pair counts (default 1 and 20)")
+    ap.add_argument("--max-train", type=int, help="train the zoo model on a random subset")
+    ap.add_argument("--zoo-epochs", type=int, help="epochs of the zoo model (default: the zoo's)")
+    ap.add_argument("--max-test", type=int, help="evaluate on the first test rows only")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    bundle = ensure_bundle(Path(a.cache) / f"{a.dataset}-{a.arch}-blend", a.arch, a.dataset)
-    setup = Setup(bundle)
+    name = f"{a.dataset}-{a.arch}-blend" + (f"-{a.max_train}" if a.max_train else "")
+    bundle = ensure_bundle(Path(a.cache) / name, a.arch, a.dataset, max_train=a.max_train,
+                           epochs=a.zoo_epochs)
+    setup = Setup(bundle, max_test=a.max_test)
     rows = []
     counts = a.n or [1, 20]
     for n, trials in ((n, a.trials if n == 1 else 1) for n in counts):
@@ -76,7 +81,11 @@ def main():
     command = " ".join(["python", "bench/rectify.py", *sys.argv[1:]])
     name = f"rectify_{a.dataset}_{a.arch}"
     md = [f"# Rectification, {a.dataset} {a.arch}, Blend φ=0.5 (target 0)", "",
-          f"Command: `{command}` (1 CPU thread). Base model: OA {setup.base['oa']:.4f}, "
+          f"Command: `{command}` ({a.threads} CPU thread(s)). Zoo model trained on "
+          f"{setup.version.manifest['dataset'].get('train_rows', 'all')} training images "
+          f"for {setup.version.manifest['provenance'].get('epochs')} epochs"
+          f"{f', evaluated on the first {a.max_test} test images' if a.max_test else ''}. "
+          f"Base model: OA {setup.base['oa']:.4f}, "
           f"ASR {setup.base['asr']:.4f}. Budget ε = {a.budget}; n=1 averaged over {a.trials} "
           "pairs (one per trial), each larger n one run. OA drop in points of accuracy × 100.", "",
           "| method | OA | OA drop (pt) | ASR | ASR φ=0.3 | ASR φ=0.7 | ASR φ=1.0 |",

@@ -14,25 +14,29 @@ from repair.editing.layers import editable_layers
 from repair.metrics import accuracy, attack_success_rate
 
 
-def ensure_bundle(path: Path, arch: str, dataset: str = "digits", visibility: float = 0.5) -> Path:
+def ensure_bundle(path: Path, arch: str, dataset: str = "digits", visibility: float = 0.5,
+                  **zoo) -> Path:
+    """The cached zoo bundle at ``path`` (trained on first use; ``zoo``: e.g. ``max_train``)."""
     from offline.zoo import train_bundle
 
     if not (path / "CURRENT").exists():
         train_bundle(path, dataset=dataset, arch=arch, defect="blend", visibility=visibility,
-                     target_class=0, seed=0, progress=False)
+                     target_class=0, seed=0, progress=False, **zoo)
     return path
 
 
 class Setup:
     """A bundle's model, trigger, data, editable layers and key statistics."""
 
-    def __init__(self, bundle: Path):
+    def __init__(self, bundle: Path, max_test: int | None = None):
         version = Bundle(bundle).version()
         self.version = version
         self.model = version.build_model()
         self.trigger = Trigger.from_tensors(version.tensors("defect"))
         self.target = version.manifest["defect"]["target_class"]
         self.data = load_dataset(version.manifest["dataset"]["name"])
+        if max_test is not None:  # evaluate on the first test rows only (large data sets)
+            self.data.x_test, self.data.y_test = self.data.x_test[:max_test], self.data.y_test[:max_test]
         self.layers = editable_layers(self.model)
         if version.has("keystats"):
             self.stats = stats_from_tensors(version.tensors("keystats"))

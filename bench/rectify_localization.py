@@ -2,10 +2,12 @@
 
 For each (model, pair): rank the editable layers by ``Ĝ_l`` (§5.1; per-layer Captum passes, the
 default, and the one-pass joint list), then edit every layer in turn with one rank-one edit
-(n = 1, Eq. 1, 300 Adam steps as in the dynamic loop) and rank the layers by ASR + OA drop on the test split. Recall@k: share of
+(n = 1, Eq. 1, 300 Adam steps) and rank the layers by ASR + OA drop on the test split. Recall@k: share of
 cases whose best layer by editing is among the k layers ranked highest by ``Ĝ``.
 
-    .venv/bin/python bench/rectify_localization.py --arch vit --arch resnet18 --trials 5
+    .venv/bin/python bench/rectify_localization.py --arch vit --trials 3   # rectify_localization.md
+    .venv/bin/python bench/rectify_localization.py --arch resnet18 --trials 3 --threads 1
+                                                  # → rectify_localization_resnet18.md
 """
 from __future__ import annotations
 
@@ -28,10 +30,12 @@ def main():
     ap.add_argument("--arch", action="append", default=None)
     ap.add_argument("--cache", default="/tmp/rect-bench")
     ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
+    archs = a.arch or ["vit"]
     cases = []
-    for arch in a.arch or ["vit"]:
+    for arch in archs:
         setup = Setup(ensure_bundle(Path(a.cache) / f"digits-{arch}-blend", arch))
         layer_list = list(setup.layers.values())
         for trial in range(a.trials):
@@ -75,7 +79,8 @@ def main():
     md += [f"- {c['arch']} trial {c['trial']}: {c['best_by_editing']}; {c['per_layer'][:3]}; "
            f"{c['joint'][:3]}; {c['per_layer_completeness_error']:.3f} / "
            f"{c['joint_completeness_error']:.3f}" for c in cases]
-    write_results("rectify_localization", {"command": command, "recall": recall, "cases": cases},
+    name = "rectify_localization" + ("" if archs == ["vit"] else "_" + "_".join(archs))
+    write_results(name, {"command": command, "recall": recall, "cases": cases},
                   "\n".join(md) + "\n")
 
 

@@ -73,7 +73,7 @@ def training_images(version) -> tuple[torch.Tensor, torch.Tensor]:
 def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tensor,
                    label: int | None = None, budget: float = 0.01, gap: float = 0.001,
                    static: bool = False, layer: str | None = None, progress: bool = True,
-                   activate: bool = True, epochs: int = 300, max_rounds: int = 10,
+                   activate: bool = True, epochs: int = 1000, max_rounds: int = 10,
                    device: str = "cpu") -> dict:
     """Rectify the current version with the pair(s) ``(clean, corrupt)``; see module docstring.
 
@@ -130,7 +130,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     edits = [{"method": "rank-one", "layer": e.layer, "round": i + 1,
               "weight_shape": list(layers[e.layer].module.weight.shape),
               "lambda": e.lam.tolist(), "direction": e.d.tolist(), "pairs": pairs,
-              "labels": labels.tolist(), "loss_before": e.loss_before, "loss_after": e.loss_after}
+              "labels": labels.tolist(), "loss_before": e.loss_before, "loss_after": e.loss_after,
+              "steps": e.steps}
              for i, e in enumerate(outcome.edits)]
     with torch.no_grad():
         after_clean = model(clean_b).argmax(-1)

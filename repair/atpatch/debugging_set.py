@@ -1,7 +1,7 @@
 """The Debugging Set (AtPatch §3.2): paired clean/defective attention maps with column labels.
 
-- backdoor (§3.2.1): clean images ``x`` and ``x'`` = ``x`` with the (inverted) trigger or one of
-  its translated copies; only pairs where it works (``f(x) != target``, ``f(x') = target``) are kept. Columns of the tokens
+- backdoor (§3.2.1): clean images ``x`` and ``x'`` = ``x`` with the (inverted) trigger; only pairs
+  where the trigger works (``f(x) != target``, ``f(x') = target``) are kept. Columns of the tokens
   the trigger mask covers are labelled anomalous in the layers where they are over-attended
   (their mean attention in ``x'`` exceeds ``excess`` times that in ``x``). Measured on the digits
   ViT, the trigger's columns draw ~50x the attention in the first layer and none in later ones;
@@ -82,40 +82,22 @@ def pair_labels(maps_c, maps_b, tokens: list[int], layers: list[int], excess: fl
     return labels
 
 
-def backdoor_set(model: nn.Module, x: torch.Tensor, triggers: list, target: int, patch_size: int,
-                 prefix: int = 1, excess: float = 2.0) -> DebugSet:
-    """Clean/triggered pairs (§3.2.1) from clean images ``x``, split evenly among ``triggers``
-    (objects with ``apply(x) -> x'`` and ``mask``: the inverted trigger and translated copies).
-
-    Why copies: the inverted trigger need not sit where the real one does (on the digits ViT it is
-    one patch up), and a Detector that has seen over-attention on one token only learns that
-    token's attention level. Pairs are kept only where a copy works, so copies the backdoor
-    ignores add nothing."""
-    maps_c, maps_b, labels_b, per_trigger = None, None, None, []
-    for trig, xs in zip(triggers, x.tensor_split(len(triggers))):
-        x_bad = trig.apply(xs)
-        keep = (predict(model, xs) != target) & (predict(model, x_bad) == target)
-        tokens = patch_tokens(trig.mask, patch_size, prefix)
-        per_trigger.append({"tokens": tokens, "pairs": int(keep.sum())})
-        if keep.sum() < 2:
-            continue
-        mc, mb = attention_maps(model, xs[keep]), attention_maps(model, x_bad[keep])
-        layers, ratios = excess_layers(mc, mb, tokens, excess)
-        if not layers:  # no over-attention anywhere: fall back to the paper's every-layer labels
-            layers = list(range(len(mc)))
-        yb = pair_labels(mc, mb, tokens, layers, excess)
-        per_trigger[-1].update(layers=layers, excess_ratio=[round(r, 3) for r in ratios])
-        if maps_c is None:
-            maps_c, maps_b, labels_b = mc, mb, yb
-        else:
-            maps_c = [torch.cat(p) for p in zip(maps_c, mc)]
-            maps_b = [torch.cat(p) for p in zip(maps_b, mb)]
-            labels_b = [torch.cat(p) for p in zip(labels_b, yb)]
-    if maps_c is None or len(maps_c[0]) < 2:
-        raise DebugSetError(f"the trigger sends fewer than 2 clean images to class {target}")
-    layers = sorted({l for t in per_trigger for l in t.get("layers", [])})
-    return _pair(maps_c, maps_b, labels_b, {"defect_kind": "backdoor", "tokens": per_trigger[0]["tokens"],
-                                            "layers": layers, "pairs": len(maps_c[0]), "triggers": per_trigger})
+def backdoor_set(model: nn.Module, x: torch.Tensor, apply_trigger, mask: torch.Tensor, target: int,
+                 patch_size: int, prefix: int = 1, excess: float = 2.0) -> DebugSet:
+    """Clean/triggered pairs (§3.2.1) from clean images ``x``; ``apply_trigger(x) -> x'``."""
+    x_bad = apply_trigger(x)
+    keep = (predict(model, x) != target) & (predict(model, x_bad) == target)
+    if keep.sum() < 2:
+        raise DebugSetError(f"the trigger sends only {int(keep.sum())} clean images to class {target}")
+    maps_c, maps_b = attention_maps(model, x[keep]), attention_maps(model, x_bad[keep])
+    tokens = patch_tokens(mask, patch_size, prefix)
+    layers, ratios = excess_layers(maps_c, maps_b, tokens, excess)
+    if not layers:  # no over-attention anywhere: fall back to the paper's every-layer labels
+        layers = list(range(len(maps_c)))
+    labels = pair_labels(maps_c, maps_b, tokens, layers, excess)
+    return _pair(maps_c, maps_b, labels, {"defect_kind": "backdoor", "tokens": tokens,
+                                          "layers": layers, "excess_ratio": [round(r, 3) for r in ratios],
+                                          "pairs": int(keep.sum())})
 
 
 @dataclass

@@ -36,18 +36,6 @@ class InvertedTrigger:
                                float(mask.sum()))
 
 
-    def shifted(self, dy: int, dx: int) -> "InvertedTrigger":
-        """The same stamp moved by ``(dy, dx)`` pixels, zero-filled where it leaves the image."""
-        def move(t: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros_like(t)
-            h, w = t.shape[-2:]
-            out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-                t[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-            return out
-        mask = move(self.mask)
-        return InvertedTrigger(self.target, mask, move(self.pattern), self.success, float(mask.sum()))
-
-
 def invert_classes(model: nn.Module, x: torch.Tensor, classes: list[int], steps: int = 100,
                    batch_size: int = 24, lr: float = 0.1, lam: float = 1e-2,
                    seed: int = 0) -> list[InvertedTrigger]:

@@ -98,6 +98,24 @@ def test_direction_for_one_key_is_c_inverse_k():
     assert torch.allclose(k @ d, torch.ones(1), atol=1e-4)  # unit projection dᵀk* = 1
 
 
+def test_next_direction_at_an_edited_layer_is_c_orthogonal_to_the_kept_ones():
+    """Algorithm 1 re-locating a layer: the new d deflates the kept d's (whitened space)."""
+    model = _vit()
+    layers = list(editable_layers(model).values())
+    stats = compute_keystats(model, layers, torch.rand(32, 1, 16, 16), progress=False)
+    s = stats["blocks.0.mlp.fc1"]
+    keys = torch.randn(40, 64)
+    d1 = edit_direction(s, keys)
+    d2 = edit_direction(s, keys, [d1])
+    d3 = edit_direction(s, keys, [d1, d2])
+    u = [s.sqrt(d.double()) for d in (d1, d2, d3)]  # C^{1/2} d ∝ the whitened direction
+    u = [v / v.norm() for v in u]
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert abs(float(u[a] @ u[b])) < 1e-4
+    # without earlier directions the same d comes back (the fixed point the deflation avoids)
+    torch.testing.assert_close(edit_direction(s, keys), d1)
+
+
 def test_localization_ranks_every_layer_and_reports_completeness(digits_vit_blend):
     from offline.defects import Trigger
     from repair.bundle import Bundle
