@@ -54,6 +54,21 @@ def sweep(bundle: Path) -> list[dict]:
     return rows
 
 
+def build_and_evaluate(zoo: Path, work: Path, epochs: int, seed: int, heatmaps: Path | None) -> dict:
+    bundle = work / f"patched-seed{seed}"
+    shutil.rmtree(bundle, ignore_errors=True)
+    copy_bundle(zoo, bundle)
+    t = time.perf_counter()
+    version = build_detector(bundle, epochs=epochs, seed=seed, progress=False)
+    build_s = time.perf_counter() - t
+    on = evaluate_bundle(bundle, patch="on", heatmaps=str(heatmaps) if heatmaps else None)
+    on["heatmaps"] = [str(Path(p).relative_to(OUT.parent.parent)) for p in on.get("heatmaps", [])]
+    return {"seed": seed, "bundle": str(bundle), "build_seconds": round(build_s, 1), "on": on,
+            "atpatch_manifest": {k: version.manifest["atpatch"][k] for k in
+                                 ("threshold", "variants", "variant_selection", "layers", "layer_selection",
+                                  "detector_metrics", "debugging_set", "inversion", "training")}}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=50)
@@ -61,42 +76,42 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--zoo", help="an existing zoo bundle (default: train the digits ViT BadNets)")
     ap.add_argument("--name", default="digits")
+    ap.add_argument("--seeds", default="0,1,2", help="one build per seed: the Detector's training varies")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     zoo = Path(args.zoo) if args.zoo else work / "zoo"
     if not (zoo / "CURRENT").exists():
         train_bundle(zoo, dataset="digits", arch="vit", defect="badnets", target_class=0, seed=0, progress=False)
-    bundle = work / "patched"
-    shutil.rmtree(bundle, ignore_errors=True)
-    copy_bundle(zoo, bundle)
-    t = time.perf_counter()
-    version = build_detector(bundle, epochs=args.epochs, progress=False)
-    build_s = time.perf_counter() - t
-    off = evaluate_bundle(bundle, patch="off")
-    on = evaluate_bundle(bundle, patch="on", heatmaps=str(OUT / "atpatch_heatmaps" / args.name))
-    on["heatmaps"] = [str(Path(p).relative_to(OUT.parent.parent)) for p in on.get("heatmaps", [])]
+    off = evaluate_bundle(zoo, patch="off")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    builds = [build_and_evaluate(zoo, work, args.epochs, seed,
+                                 OUT / "atpatch_heatmaps" / args.name if i == 0 else None)
+              for i, seed in enumerate(seeds)]
     command = "python bench/atpatch_vision.py " + " ".join(sys.argv[1:])
-    result = {"command": command, "threads": args.threads, "build_seconds": round(build_s, 1),
-              "atpatch_manifest": {k: version.manifest["atpatch"][k] for k in
-                                   ("threshold", "variants", "variant_selection", "layers", "layer_selection",
-                                    "detector_metrics", "debugging_set", "inversion", "training")},
-              "off": off, "on": on, "sweep": sweep(bundle)}
+    result = {"command": command, "threads": args.threads, "off": off, "builds": builds,
+              "sweep": sweep(Path(builds[0]["bundle"]))}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"atpatch_{args.name}.json").write_text(json.dumps(result, indent=1))
-    d = on["detector"]
-    defect = version.manifest.get("defect", {}).get("type", "?")
-    lines = [f"# AtPatch on {version.manifest['dataset']['name']} {version.manifest['architecture']['arch']} "
-             f"{defect}", "", f"Command: `{command}` ({args.threads} threads)", "",
-             f"Build (inversion + debugging set + Detector {args.epochs} epochs + variant and layer choice): "
-             f"{build_s:.1f} s; the Detector runs on layers {version.manifest['atpatch']['layers']}", "",
-             "| | accuracy | ASR |", "|---|---|---|",
-             f"| off | {off['accuracy']} | {off['asr']} |", f"| on (τ={version.manifest['atpatch']['threshold']}) | "
-             f"{on['accuracy']} | {on['asr']} |"]
-    for k, a in on.get("ablations", {}).items():
-        lines.append(f"| {k} | {a['accuracy']} | {a['asr']} |")
-    lines += ["", f"Detector on held-out test maps (strict §4.2.2): precision {d['precision']}, recall "
-              f"{d['recall']}, F1 {d['f1']}, FPR {d['fpr']}, FNR {d['fnr']}", "",
+    m = Bundle(zoo).version().manifest
+    lines = [f"# AtPatch on {m['dataset']['name']} {m['architecture']['arch']} {m['defect']['type']}", "",
+             f"Command: `{command}` ({args.threads} threads). One build per seed (inversion + debugging "
+             f"set + Detector {args.epochs} epochs + variant and layer choice); the Detector's training "
+             "varies run to run, so every build is listed. Detector metrics: strict §4.2.2 on test maps "
+             "(triggered inputs on which the backdoor works, with the real trigger's tokens as truth, "
+             "and as many clean inputs), on the layers the Detector runs on.", "",
+             f"Unpatched: accuracy {off['accuracy']}, ASR {off['asr']}.", "",
+             "| seed | build s | layers | variant | accuracy | ASR | clean patch rate | precision | recall "
+             "| FPR | FNR | no Detector: acc / ASR | no rescaling: acc / ASR |", "|" + "---|" * 13]
+    for b in builds:
+        on, d, meta = b["on"], b["on"]["detector"], b["atpatch_manifest"]
+        ab = on.get("ablations", {})
+        nd, nr = ab.get("without_detector", {}), ab.get("without_rescaling", {})
+        lines.append(f"| {b['seed']} | {b['build_seconds']} | {meta['layers']} | {meta['variants']['backdoor']} | "
+                     f"{on['accuracy']} | {on['asr']} | {on['patch_rate']['clean']} | {d['precision']} | "
+                     f"{d['recall']} | {d['fpr']} | {d['fnr']} | {nd.get('accuracy')} / {nd.get('asr')} | "
+                     f"{nr.get('accuracy')} / {nr.get('asr')} |")
+    lines += ["", f"τ and variant sweep, seed {seeds[0]}'s build, on its layers:", "",
               "| τ | variant | accuracy | ASR | clean patch rate |", "|---|---|---|---|---|"]
     lines += [f"| {r['threshold']} | {r['variant']} | {r['accuracy']} | {r['asr']} | {r['clean_patch_rate']} |"
               for r in result["sweep"]]

@@ -74,7 +74,7 @@ def _protected(data: TabularData, model, names: list[str]) -> list[Protected]:
 
 def build_detector(bundle: str | Path, protected: list[str] | None = None, epochs: int = 50,
                    threshold: float = 0.1, *, inversion_steps: int = 100, n_clean: int = 600,
-                   max_rows: int = 4000,
+                   max_rows: int = 4000, layer_tolerance: float = 0.005,
                    seed: int = 0, progress: bool = True, activate: bool = True):
     """Train the Detector and Q for the bundle's current version; write and return a new version."""
     started = time.perf_counter()
@@ -112,7 +112,10 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
                                   seed=seed, progress=progress)
     train_seconds = time.perf_counter() - t0
     measure = _held_out_eval(model, kind, data, extra)
-    selection, layer_selection = _choose_variant_and_layers(model, det, benign, threshold, measure)
+    # Fairness keeps every layer: a protected token left readable in any layer carries its value
+    # to [CLS], so only masking it everywhere makes the answer independent of it.
+    selection, layer_selection = _choose_variant_and_layers(
+        model, det, benign, threshold, measure, layer_tolerance, prefixes=(kind == "backdoor"))
     layers = layer_selection["chosen"]
     flags = detect_maps(det, held.maps, threshold)
     metrics = strict_metrics(torch.cat([flags[l] for l in layers]), torch.cat([held.labels[l] for l in layers]))
@@ -147,22 +150,10 @@ def _vision_set(model, data: ImageData, version, steps, n_clean, seed, progress)
     inv_x, pair_x = x[perm[:n_clean]], x[perm[n_clean:2 * n_clean]]
     inversion = invert_all(model, inv_x, len(data.classes), steps=steps, progress=progress, seed=seed)
     trig = inversion.trigger.hardened()
-    debug = backdoor_set(model, pair_x, _translated(trig, patch), inversion.target, patch)
+    debug = backdoor_set(model, pair_x, trig.apply, trig.mask, inversion.target, patch)
     # Images used neither for inversion nor for the pairs: where the variant is chosen.
     extra = {"inversion": inversion.summary(), "_select": perm[2 * n_clean:], "_trigger": trig}
     return debug, extra
-
-
-def _translated(trig, patch: int, keep_mass: float = 0.9) -> list:
-    """The inverted trigger, then its copies moved by one patch in each of 8 directions (those
-    that keep ``keep_mass`` of the mask inside the image)."""
-    out = [trig]
-    for dy in (-patch, 0, patch):
-        for dx in (-patch, 0, patch):
-            moved = trig.shifted(dy, dx)
-            if (dy or dx) and moved.norm >= keep_mass * trig.norm:
-                out.append(moved)
-    return out
 
 
 def _held_out_eval(model, kind, data, extra):
@@ -189,10 +180,12 @@ def _held_out_eval(model, kind, data, extra):
     return measure
 
 
-def _choose_variant_and_layers(model, det, benign, threshold, measure) -> tuple[dict, dict]:
+def _choose_variant_and_layers(model, det, benign, threshold, measure, tolerance: float,
+                               prefixes: bool = True) -> tuple[dict, dict]:
     """Γ or masked (§3.4 and the issue's fairness finding): lowest held-out defect metric, then
     accuracy, with the Detector on every layer. Then the layers: the shortest prefix
-    ``0..l`` that does as well on both counts. Patching layer ``l`` changes every later map, so
+    ``0..l`` that does as well on both counts, within ``tolerance`` (default 0.5 pt: one or two
+    held-out samples should not decide between one layer and all of them). Patching layer ``l`` changes every later map, so
     when the first layers suffice (a trigger is over-attended early) the others need neither the
     Detector nor the eager attention it reads, which is most of AtPatch's added latency."""
     def run(variant, layers):
@@ -207,15 +200,15 @@ def _choose_variant_and_layers(model, det, benign, threshold, measure) -> tuple[
     variants = {v: run(v, None) for v in VARIANTS}
     chosen = min(VARIANTS, key=lambda v: (variants[v]["defect_metric"], -variants[v]["accuracy"]))
     best = variants[chosen]
-    prefixes = {n_layers: best}
+    measured_prefixes = {n_layers: best}
     layers = list(range(n_layers))
-    for k in range(1, n_layers):
-        prefixes[k] = run(chosen, list(range(k)))
-        if (prefixes[k]["defect_metric"] <= best["defect_metric"]
-                and prefixes[k]["accuracy"] >= best["accuracy"]):
+    for k in range(1, n_layers if prefixes else 1):
+        measured_prefixes[k] = run(chosen, list(range(k)))
+        if (measured_prefixes[k]["defect_metric"] <= best["defect_metric"] + tolerance
+                and measured_prefixes[k]["accuracy"] >= best["accuracy"] - tolerance):
             layers = list(range(k))
             break
     measured = "held-out inputs (inverted trigger / protected swaps)"
     return ({"chosen": chosen, "measured_on": measured, **variants},
-            {"chosen": layers, "measured_on": measured,
-             "prefixes": {f"0..{k - 1}": r for k, r in sorted(prefixes.items())}})
+            {"chosen": layers, "measured_on": measured, "tolerance": tolerance,
+             "prefixes": {f"0..{k - 1}": r for k, r in sorted(measured_prefixes.items())}})

@@ -25,11 +25,16 @@ def demo_home() -> Path:
 
 def demo_bundle(progress: bool = True) -> Path:
     """Path of the demo bundle, training the model and its AtPatch detector on first use."""
-    target = demo_home() / "demo"
-    if Bundle(target).exists():
-        return target
     from offline.atpatch_build import build_detector
     from offline.zoo import train_bundle
+    from repair.atpatch.detector import DESIGN
+
+    target = demo_home() / "demo"
+    if Bundle(target).exists():
+        design = Bundle(target).version().manifest.get("atpatch", {}).get("detector", {}).get("design")
+        if design != DESIGN:  # built by an older release: the detector (not the model) is rebuilt
+            build_detector(target, progress=progress)
+        return target
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".demo-{uuid.uuid4().hex}"

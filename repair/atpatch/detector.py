@@ -194,11 +194,13 @@ def train_detector(maps: list[torch.Tensor], labels: list[torch.Tensor], partner
     from tqdm import tqdm
 
     n_layers, m = len(maps), len(partner)
+    # Seed before the weights are drawn: the initialisation otherwise depends on whatever used
+    # the global generator earlier in the process, and the trained Detector with it.
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     det = Detector(n_layers, maps[0].shape[-1], channels, hidden, [m.shape[1] for m in maps])
     det.set_benign(benign)
     opt = torch.optim.AdamW(det.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     # Batches are built from map *pairs* so each holds both sides of a delta.
     anchors = (partner >= torch.arange(m)).nonzero().flatten()
     if pos_weight is None:

@@ -58,7 +58,6 @@ def test_detector_learns_over_attended_column_and_fast_path_matches():
     assert m["fnr"] <= 0.05 and m["fpr"] <= 0.1
     # the folded hot path equals Eq. 5 + the Detector
     det.prepare()
-    heads = torch.stack([test_maps[0][:8]] * 3, 1)
     for layer in (0, 1):
         heads = torch.stack([test_maps[layer][:8]] * 3, 1)
         assert torch.allclose(det.logits_from_heads(heads, layer), det(test_maps[layer][:8], layer), atol=1e-4)

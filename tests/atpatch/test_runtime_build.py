@@ -34,6 +34,23 @@ def test_build_writes_a_child_version_with_detector_and_benign(digits_patched, d
     assert set(meta["variant_selection"]) >= {"replace", "masked", "chosen"}
     assert meta["variants"]["backdoor"] in ("replace", "masked")
     assert all(k in meta["detector_metrics"] for k in ("precision", "recall", "f1", "fpr", "fnr"))
+    # the Detector runs on the shortest layer prefix that did as well as all layers on held-out inputs
+    layers, sel = meta["layers"], meta["layer_selection"]
+    assert layers == list(range(len(layers))) and sel["chosen"] == layers
+    full, chosen = sel["prefixes"]["0..2"], sel["prefixes"][f"0..{len(layers) - 1}"]
+    tol = sel["tolerance"]
+    assert chosen["defect_metric"] <= full["defect_metric"] + tol and chosen["accuracy"] >= full["accuracy"] - tol
+
+
+def test_only_the_chosen_layers_are_hooked(patched):
+    version, _, atp = patched
+    layers = version.manifest["atpatch"]["layers"]
+    assert atp.layers == layers
+    # hooked layers read the eager map; the others keep the fused attention
+    assert [not m.fused_attn for m in atp.access.modules] == [l in layers for l in range(3)]
+    x = load_dataset("digits").x_test[:64]
+    on = atp(x, "on")
+    assert not on.flagged[:, [l for l in range(3) if l not in layers]].any()
 
 
 def test_backdoor_is_patched_within_the_issue_thresholds(patched):

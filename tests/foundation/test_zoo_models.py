@@ -124,6 +124,7 @@ def test_demo_bundle_is_built_once(tmp_path, monkeypatch, digits_vit_badnets):
     import offline.atpatch_build
     import offline.zoo
     from offline.demo import demo_bundle
+    from repair.atpatch.detector import DESIGN
 
     calls, detector_builds = [], []
 
@@ -133,6 +134,7 @@ def test_demo_bundle_is_built_once(tmp_path, monkeypatch, digits_vit_badnets):
 
     def fake_build(out, **kw):  # the real detector build is covered by tests/atpatch
         detector_builds.append(Path(out))
+        _write_detector_design(out, DESIGN)
 
     monkeypatch.setenv("REPAIR_PROXY_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(offline.zoo, "train_bundle", fake_train)
@@ -144,6 +146,17 @@ def test_demo_bundle_is_built_once(tmp_path, monkeypatch, digits_vit_badnets):
     assert len(detector_builds) == 1 and detector_builds[0].name.startswith(".demo-")
     assert calls[0]["defect"] == "badnets" and Bundle(first).version().manifest["metrics"]["asr"] >= 0.95
     assert not [p for p in (tmp_path / "home").iterdir() if p.name.startswith(".demo-")]
+    # a demo whose detector an older release built gets a new detector, in place
+    _write_detector_design(first, "2-D map CNN")
+    assert demo_bundle(progress=False) == first
+    assert detector_builds[1:] == [first] and len(calls) == 1
+
+
+def _write_detector_design(bundle, design):
+    b = Bundle(bundle)
+    manifest = {k: v for k, v in b.version().manifest.items() if k not in ("id", "parent", "created", "files")}
+    manifest["atpatch"] = {"detector": {"design": design}}
+    b.write_version(manifest, {}, parent=b.current_id())
 
 
 def test_cli_zoo_train_and_pair(tmp_path, digits_vit_badnets):
