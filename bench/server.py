@@ -10,9 +10,9 @@ concurrency 1 = server p50 − bare p50.
 
     .venv/bin/python bench/server.py --bundle BUNDLE [--seconds 10] [--threads 1] [--device cpu]
 
-The committed results used the BadNets digits ViT with a detector, built by
-    repair-proxy zoo train --dataset digits --arch vit --defect badnets --target-class 0 --out B
-    .venv/bin/python -c "from offline.atpatch_build import build_detector; build_detector('B', epochs=25)"
+The committed results used the BadNets digits ViT with the detector that
+``python bench/atpatch_vision.py`` builds for seed 0 (paper defaults: 50 epochs, τ = 0.1), in
+``/tmp/atpatch-digits/patched-seed0``.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ("bundle: `repair-proxy zoo train --dataset digits --arch vit --defect badnets --target-class 0 "
-          "--out B` then `build_detector('B', epochs=25)` (offline.atpatch_build)")
+RECIPE = ("bundle: the digits ViT BadNets model with the seed-0 detector of `python bench/atpatch_vision.py` "
+          "(50 epochs, τ = 0.1)")
 sys.path.insert(0, str(ROOT))
 
 

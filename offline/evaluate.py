@@ -78,7 +78,8 @@ def detector_metrics(patch: AtPatch, model, x_clean, x_bad, y, target, mask, pat
 
 
 def save_heatmaps(patch: AtPatch, x: torch.Tensor, out: Path, prefix: str) -> list[str]:
-    """One PNG per sample: head-averaged map of every layer before (top) and after (bottom) the patch."""
+    """One PNG per sample: head-averaged map of every layer before (top) and after (bottom) the
+    patch; layers the Detector does not run on show the same map twice."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,10 +88,12 @@ def save_heatmaps(patch: AtPatch, x: torch.Tensor, out: Path, prefix: str) -> li
     out.mkdir(parents=True, exist_ok=True)
     seen: dict[int, tuple] = {}
     patch.observer = lambda l, before, after: seen.__setitem__(l, (before.mean(1).cpu(), after.mean(1).cpu()))
+    patch.access.install(patch._hook)  # every layer, to show the maps the patch leaves alone too
     try:
         patch(x, "on")
     finally:
         patch.observer = None
+        patch.access.install(patch._hook, patch.layers)
     n_layers = patch.access.n_layers
     files = []
     for i in range(len(x)):

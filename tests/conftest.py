@@ -61,9 +61,10 @@ def digits_vit_badnets_atpatch(zoo_cache, digits_vit_badnets) -> Path:
     """``digits_vit_badnets`` plus an AtPatch detector version, built once per session and
     shared (atpatch, server, deploy tests): never write into it.
 
-    25 epochs instead of the paper's 50 to fit the test budget; τ = 0.3 instead of 0.1 because on
-    this model τ = 0.1 flags too many clean maps (0.56 pt accuracy, bench/results/atpatch_digits.md)
-    while ASR is 0 % at both. The thresholds the tests assert are the issue's."""
+    25 epochs instead of the paper's 50 to fit the test budget, and τ = 0.3. Builds are
+    deterministic (seed 0), so the tests see the same Detector on every run; the thresholds they
+    assert are the issue's. The paper defaults (τ = 0.1, 50 epochs) are measured for three seeds
+    in bench/results/atpatch_digits.md."""
     out = zoo_cache / "digits-vit-badnets-atpatch"
     if not (out / "CURRENT").exists():
         from offline.atpatch_build import build_detector

@@ -10,9 +10,9 @@ Why profiles, not a 2-D CNN over the full ``Nq x N`` map: the first version ran 
 16 channels) and then pooled over rows. On the digits ViT it cost +60 % (batch 1) and +111 %
 (batch 64) over the eager forward, because the 3x3 conv and the row pooling of its 16-channel
 output ran on every map. Pooling first leaves a few reductions per map. Trained on the same
-debugging set (held out 20 %, τ = 0.1), the two detected about equally well (strict F1 0.79
-profile, 0.85 2-D) and both brought the real trigger's ASR to 0; see ``bench/results/atpatch_*.md``
-for the current numbers. Over-attention is a property of a column's mass, which the profile keeps.
+debugging set (held out 20 %, τ = 0.1, one run each), the two detected about equally well
+(strict F1 0.79 profile, 0.85 2-D) and both brought the real trigger's ASR to 0; see
+``bench/results/atpatch_*.md`` for the current numbers. Over-attention is a property of a column's mass, which the profile keeps.
 
 One Detector serves every layer: a learned layer embedding is added to the MLP's hidden layer.
 There is no per-token embedding: an inverted trigger may sit on another token than the real one

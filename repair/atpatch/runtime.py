@@ -86,6 +86,8 @@ class AtPatch:
 
     def _hook(self, layer: int, attn: torch.Tensor):
         if not self._on or layer not in self.layers:
+            if self._on and self.observer is not None:  # a layer the Detector does not run on
+                self.observer(layer, attn, attn)
             return None
         cpu = attn.device.type == "cpu"  # on the CPU reading a value is no device sync
         if self.selector is not None:

@@ -111,17 +111,25 @@ class InversionResult:
 
 
 def invert_all(model: nn.Module, x: torch.Tensor, num_classes: int, steps: int = 100,
-               progress: bool = True, seed: int = 0) -> InversionResult:
+               progress: bool = True, seed: int = 0, restarts: int = 3) -> InversionResult:
     """Invert a trigger for every class; the target is the class with the largest MAD index.
-    (``progress`` is accepted for symmetry; the joint optimisation is one short loop.)"""
+
+    Eq. 3 is non-convex: each class is inverted from ``restarts`` random starts and keeps its
+    smallest working mask. Measured on the digits ViT BadNets model with one start, one seed
+    found the planted 5-pixel stamp (‖M‖₁ 2.0) and another a diffuse 12.6 mask on other tokens,
+    whose Detector then left ASR at 100 %. (``progress`` is accepted for symmetry; each start is
+    one short loop.)"""
     params = [p for p in model.parameters()]
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
     try:
-        triggers = invert_classes(model, x, list(range(num_classes)), steps=steps, seed=seed)
+        runs = [invert_classes(model, x, list(range(num_classes)), steps=steps, seed=seed + r)
+                for r in range(restarts)]
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+    # per class: the smallest mask among the starts whose trigger works, else the smallest
+    triggers = [min(per_class, key=lambda t: (t.success < 0.9, t.norm)) for per_class in zip(*runs)]
     index = mad_anomaly_index(torch.tensor([t.norm for t in triggers]))
     return InversionResult(triggers, index.tolist(), int(index.argmax()))

@@ -85,11 +85,14 @@ def test_keystats_whitening_squares_to_the_inverse_and_matches_the_moment():
     torch.testing.assert_close(s.whiten(s.whiten(probe)), s.inverse(probe), rtol=1e-4, atol=1e-6)
 
 
-def test_direction_for_one_key_is_c_inverse_k():
+def _fc1_stats():
     model = _vit()
     layers = list(editable_layers(model).values())
-    stats = compute_keystats(model, layers, torch.rand(32, 1, 16, 16), progress=False)
-    s = stats["blocks.0.mlp.fc1"]
+    return compute_keystats(model, layers, torch.rand(32, 1, 16, 16), progress=False)["blocks.0.mlp.fc1"]
+
+
+def test_direction_for_one_key_is_c_inverse_k():
+    s = _fc1_stats()
     k = torch.randn(1, 64)
     d = edit_direction(s, k)
     expected = s.inverse(k[0].double()).float()
@@ -100,10 +103,7 @@ def test_direction_for_one_key_is_c_inverse_k():
 
 def test_next_direction_at_an_edited_layer_is_c_orthogonal_to_the_kept_ones():
     """Algorithm 1 re-locating a layer: the new d deflates the kept d's (whitened space)."""
-    model = _vit()
-    layers = list(editable_layers(model).values())
-    stats = compute_keystats(model, layers, torch.rand(32, 1, 16, 16), progress=False)
-    s = stats["blocks.0.mlp.fc1"]
+    s = _fc1_stats()
     keys = torch.randn(40, 64)
     d1 = edit_direction(s, keys)
     d2 = edit_direction(s, keys, [d1])
