@@ -49,6 +49,11 @@ def test_two_workers_metrics_logs_and_drain(plain_bundle, digits_data, tmp_path)
             except httpx.TransportError:
                 time.sleep(0.2)
         assert ready >= 6, (tmp_path / "server.log").read_text()[-3000:]
+        # A ready answer may come from one worker while the other still loads; the shared gauge
+        # (minimum over live workers) is 1 only once both are ready.
+        while time.monotonic() < deadline and _counter(httpx.get(url + "/metrics").text, "repair_ready") != 1:
+            time.sleep(0.2)
+        assert _counter(httpx.get(url + "/metrics").text, "repair_ready") == 1
         image = b64png(digits_data.x_test[0])
         n = 40
         for _ in range(n):  # new connection each time: spread over both workers
