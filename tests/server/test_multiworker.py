@@ -81,7 +81,12 @@ def test_two_workers_metrics_logs_and_drain(plain_bundle, digits_data, tmp_path)
         answered = [c for c in codes if c is not None]
         assert answered and all(c == 200 for c in answered), codes
     finally:
-        proc.kill()
+        if proc.poll() is None:  # a failed test: SIGTERM lets uvicorn stop its workers too
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         log.close()
     lines = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines()
              if line.startswith("{") and '"endpoint"' in line]
