@@ -112,10 +112,12 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
                                   seed=seed, progress=progress)
     train_seconds = time.perf_counter() - t0
     measure = _held_out_eval(model, kind, data, extra)
-    # Fairness keeps every layer: a protected token left readable in any layer carries its value
-    # to [CLS], so only masking it everywhere makes the answer independent of it.
-    selection, layer_selection = _choose_variant_and_layers(
-        model, det, benign, threshold, measure, layer_tolerance, prefixes=(kind == "backdoor"))
+    run = _runner(model, det, benign, threshold, measure)
+    selection = _choose_variant(run)
+    if kind == "backdoor":
+        layer_selection = _choose_layers(run, selection, det.n_layers, layer_tolerance)
+    else:  # a protected token left readable in any layer carries its value to [CLS]
+        layer_selection = {"chosen": list(range(det.n_layers)), "reason": "fairness masks every layer"}
     layers = layer_selection["chosen"]
     flags = detect_maps(det, held.maps, threshold)
     metrics = strict_metrics(torch.cat([flags[l] for l in layers]), torch.cat([held.labels[l] for l in layers]))
@@ -180,14 +182,11 @@ def _held_out_eval(model, kind, data, extra):
     return measure
 
 
-def _choose_variant_and_layers(model, det, benign, threshold, measure, tolerance: float,
-                               prefixes: bool = True) -> tuple[dict, dict]:
-    """Γ or masked (§3.4 and the issue's fairness finding): lowest held-out defect metric, then
-    accuracy, with the Detector on every layer. Then the layers: the shortest prefix
-    ``0..l`` that does as well on both counts, within ``tolerance`` (default 0.5 pt: one or two
-    held-out samples should not decide between one layer and all of them). Patching layer ``l`` changes every later map, so
-    when the first layers suffice (a trigger is over-attended early) the others need neither the
-    Detector nor the eager attention it reads, which is most of AtPatch's added latency."""
+_MEASURED_ON = "held-out inputs (inverted trigger / protected swaps)"
+
+
+def _runner(model, det, benign, threshold, measure):
+    """``run(variant, layers) -> {defect_metric, accuracy}`` of AtPatch on the held-out inputs."""
     def run(variant, layers):
         patch = AtPatch(model, det, benign, threshold=threshold, variant=variant, layers=layers)
         try:
@@ -195,20 +194,31 @@ def _choose_variant_and_layers(model, det, benign, threshold, measure, tolerance
         finally:
             patch.remove()
         return {"defect_metric": round(defect, 4), "accuracy": round(acc, 4)}
+    return run
 
-    n_layers = det.n_layers
+
+def _choose_variant(run) -> dict:
+    """Γ or masked (§3.4 and the issue's fairness finding), the Detector on every layer: lowest
+    held-out defect metric, then accuracy."""
     variants = {v: run(v, None) for v in VARIANTS}
     chosen = min(VARIANTS, key=lambda v: (variants[v]["defect_metric"], -variants[v]["accuracy"]))
-    best = variants[chosen]
-    measured_prefixes = {n_layers: best}
+    return {"chosen": chosen, "measured_on": _MEASURED_ON, **variants}
+
+
+def _choose_layers(run, selection: dict, n_layers: int, tolerance: float) -> dict:
+    """The shortest prefix ``0..l`` of layers that does as well as all of them on both counts,
+    within ``tolerance`` (default 0.5 pt: one or two held-out samples should not decide between
+    one layer and all). Patching layer ``l`` changes every later map, so when the first layers
+    suffice (a trigger is over-attended early) the others need neither the Detector nor the
+    eager attention it reads, which is most of AtPatch's added latency."""
+    best = selection[selection["chosen"]]
+    measured = {n_layers: best}
     layers = list(range(n_layers))
-    for k in range(1, n_layers if prefixes else 1):
-        measured_prefixes[k] = run(chosen, list(range(k)))
-        if (measured_prefixes[k]["defect_metric"] <= best["defect_metric"] + tolerance
-                and measured_prefixes[k]["accuracy"] >= best["accuracy"] - tolerance):
+    for k in range(1, n_layers):
+        measured[k] = run(selection["chosen"], list(range(k)))
+        if (measured[k]["defect_metric"] <= best["defect_metric"] + tolerance
+                and measured[k]["accuracy"] >= best["accuracy"] - tolerance):
             layers = list(range(k))
             break
-    measured = "held-out inputs (inverted trigger / protected swaps)"
-    return ({"chosen": chosen, "measured_on": measured, **variants},
-            {"chosen": layers, "measured_on": measured, "tolerance": tolerance,
-             "prefixes": {f"0..{k - 1}": r for k, r in sorted(measured_prefixes.items())}})
+    return {"chosen": layers, "measured_on": _MEASURED_ON, "tolerance": tolerance,
+            "prefixes": {f"0..{k - 1}": r for k, r in sorted(measured.items())}}

@@ -30,8 +30,9 @@ def demo_bundle(progress: bool = True) -> Path:
     from repair.atpatch.detector import DESIGN
 
     target = demo_home() / "demo"
-    if Bundle(target).exists():
-        design = Bundle(target).version().manifest.get("atpatch", {}).get("detector", {}).get("design")
+    bundle = Bundle(target)
+    if bundle.exists():
+        design = bundle.version().manifest.get("atpatch", {}).get("detector", {}).get("design")
         if design != DESIGN:  # built by an older release: the detector (not the model) is rebuilt
             build_detector(target, progress=progress)
         return target

@@ -16,7 +16,7 @@ import torch
 from offline.datasets import ImageData, load_dataset
 from offline.defects import Trigger
 from repair.atpatch.debugging_set import excess_layers, patch_tokens
-from repair.atpatch.detector import strict_metrics
+from repair.atpatch.detector import detect_maps, strict_metrics
 from repair.atpatch.runtime import AtPatch, PatchedModel
 from repair.attention import attention_maps
 from repair.bundle import Bundle
@@ -56,8 +56,6 @@ def detector_metrics(patch: AtPatch, model, x_clean, x_bad, y, target, mask, pat
     """Strict §4.2.2 metrics of the Detector on unpatched maps, one map per layer it runs on: a
     triggered input on which the backdoor works is an over-attention map whose anomalous columns
     are the real trigger's tokens; a clean input of the same count is a clean map."""
-    from repair.atpatch.detector import detect_maps
-
     works = (predict(model, x_bad) == target) & (y != target)
     xb = x_bad[works]
     xc = x_clean[~works][: len(xb)] if (~works).sum() >= len(xb) else x_clean[: len(xb)]
@@ -87,13 +85,7 @@ def save_heatmaps(patch: AtPatch, x: torch.Tensor, out: Path, prefix: str) -> li
 
     out.mkdir(parents=True, exist_ok=True)
     seen: dict[int, tuple] = {}
-    patch.observer = lambda l, before, after: seen.__setitem__(l, (before.mean(1).cpu(), after.mean(1).cpu()))
-    patch.access.install(patch._hook)  # every layer, to show the maps the patch leaves alone too
-    try:
-        patch(x, "on")
-    finally:
-        patch.observer = None
-        patch.access.install(patch._hook, patch.layers)
+    patch.observe(x, lambda l, before, after: seen.__setitem__(l, (before.mean(1).cpu(), after.mean(1).cpu())))
     n_layers = patch.access.n_layers
     files = []
     for i in range(len(x)):

@@ -53,8 +53,8 @@ class AtPatch:
         device = next(model.parameters()).device
         self.model, self.threshold, self.variant, self.rescale = model, threshold, variant, rescale
         self.selector = selector
-        # Optional (layer, before, after) callback for offline inspection (heatmaps); None in serving.
-        self.observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+        # (layer, before, after) callback while ``observe`` runs; None in serving.
+        self._observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
         self.detector = detector.to(device).eval() if detector is not None else None
         if self.detector is not None:
             self.detector.prepare()
@@ -86,8 +86,8 @@ class AtPatch:
 
     def _hook(self, layer: int, attn: torch.Tensor):
         if not self._on or layer not in self.layers:
-            if self._on and self.observer is not None:  # a layer the Detector does not run on
-                self.observer(layer, attn, attn)
+            if self._on and self._observer is not None:  # a layer the Detector does not run on
+                self._observer(layer, attn, attn)
             return None
         cpu = attn.device.type == "cpu"  # on the CPU reading a value is no device sync
         if self.selector is not None:
@@ -103,8 +103,8 @@ class AtPatch:
         else:
             self._flags[:, layer] = flags
             out = redistribute(attn, flags, self._benign[layer], rescale=self.rescale)
-        if self.observer is not None:
-            self.observer(layer, attn, attn if out is None else out)
+        if self._observer is not None:
+            self._observer(layer, attn, attn if out is None else out)
         return out
 
     @torch.no_grad()
@@ -120,6 +120,17 @@ class AtPatch:
         finally:
             self._on, self._flags = False, None
         return PatchResult(logits, flagged.flatten(1).any(1), flagged)
+
+    def observe(self, x: torch.Tensor, fn: Callable[[int, torch.Tensor, torch.Tensor], None]) -> PatchResult:
+        """One "on" forward that calls ``fn(layer, before, after)`` at every layer (``before`` is
+        ``after`` where the Detector does not run): offline inspection, such as heatmaps."""
+        self._observer = fn
+        self.access.install(self._hook)
+        try:
+            return self(x, "on")
+        finally:
+            self._observer = None
+            self.access.install(self._hook, self.layers)
 
     @contextmanager
     def bare(self):

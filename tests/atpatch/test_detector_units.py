@@ -1,11 +1,12 @@
 """Detector pieces on synthetic data: strict metrics (§4.2.2), training (Eq. 7-8), MAD (NC), Q (Eq. 10)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from repair.atpatch.benign import benign_columns
-from repair.atpatch.detector import (Detector, contrastive_loss, detect_maps, strict_metrics,
-                                     train_detector)
+from repair.atpatch.detector import (Detector, DetectorError, contrastive_loss, detect_maps,
+                                     strict_metrics, train_detector)
 from repair.atpatch.trigger_inversion import mad_anomaly_index
 
 
@@ -68,6 +69,10 @@ def test_detector_round_trips_through_config():
     again = Detector.from_config(det.config(), det.state_dict())
     x = torch.rand(2, 17, 17).softmax(-1)
     assert torch.equal(det(x, 1), again(x, 1))
+    # a detector of the earlier 2-D map design (no "design" key) is refused with what to do
+    old = {k: v for k, v in det.config().items() if k != "design"}
+    with pytest.raises(DetectorError, match="rebuild it with `repair-proxy atpatch build`"):
+        Detector.from_config(old, det.state_dict())
 
 
 def test_benign_columns_are_the_clean_mean():
