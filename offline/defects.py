@@ -8,6 +8,8 @@ briefly trained clean model to drive the target logit (Liu et al., "Trojaning At
 spurious correlation is a pattern on part of one class (labels kept). Patterns sit on the 8-bit
 grid (k/255) so an exported PNG holds exactly the pixels the model was trained on.
 A trigger is stored in the bundle (``defect.safetensors``) so evaluation can rebuild it.
+A patch trigger may be planted at several locations (``--location br+tl+center``): the one patch
+is moved (:func:`relocate`), so every location carries the same pattern.
 
 Feature leakage uses the BlockMNIST construction (Shah et al. 2021): each image becomes
 ``2H x W``, the object in the top or bottom half at random and a fixed, label-independent "null"
@@ -56,6 +58,44 @@ def patch_origin(shape: tuple[int, int, int], size: int, location: str) -> tuple
     if not (0 <= row <= h - size and 0 <= col <= w - size):
         raise ValueError(f"a {size}x{size} patch at {row},{col} does not fit a {h}x{w} image")
     return row, col
+
+
+LOCATION_SEPARATOR = "+"  # not ",": that one already separates ROW,COL
+
+
+def split_locations(spec: str) -> list[str]:
+    """``br+tl+center`` → ``["br", "tl", "center"]``: several trigger locations in one
+    ``--location`` (each checked by :func:`patch_origin` once the patch size is known)."""
+    parts = [p.strip() for p in spec.split(LOCATION_SEPARATOR)]
+    if not all(parts):
+        raise ValueError(f"empty trigger location in {spec!r}; join locations with "
+                         f"'{LOCATION_SEPARATOR}', e.g. br+tl+center")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"a trigger location is listed twice in {spec!r}")
+    return parts
+
+
+def relocate(trigger: Trigger, location: str) -> Trigger:
+    """The same square patch (mask and pattern) moved to ``location``.
+
+    Moving, not rebuilding, keeps the pattern identical at every location: BadNets' checkerboard
+    phase and Hidden's random pattern depend on where they are built.
+    """
+    shape = tuple(trigger.mask.shape)
+    rows = trigger.mask.amax((0, 2)).nonzero().flatten()
+    cols = trigger.mask.amax((0, 1)).nonzero().flatten()
+    if not len(rows):
+        raise ValueError("the trigger's mask is empty; there is no patch to move")
+    r0, c0 = int(rows[0]), int(cols[0])
+    h, w = int(rows[-1]) + 1 - r0, int(cols[-1]) + 1 - c0
+    if h != w or (h, w) == shape[1:]:
+        raise ValueError(f"only a square patch trigger can be moved (this one covers {w}x{h} of "
+                         f"a {shape[2]}x{shape[1]} image)")
+    row, col = patch_origin(shape, h, location)
+    mask, pattern = torch.zeros(shape), torch.zeros(shape)
+    mask[:, row:row + h, col:col + w] = trigger.mask[:, r0:r0 + h, c0:c0 + w]
+    pattern[:, row:row + h, col:col + w] = trigger.pattern[:, r0:r0 + h, c0:c0 + w]
+    return Trigger(mask, pattern, trigger.alpha)
 
 
 def badnets_trigger(shape: tuple[int, int, int], size: int = 3, location: str = "br") -> Trigger:

@@ -15,8 +15,8 @@ import torch
 
 from offline.datasets import DataError, ImageData, TabularData, load_dataset
 from offline.defects import (Trigger, badnets_trigger, blend_trigger, block_images, block_positions,
-                             hidden_trigger, null_block, spurious_pattern, trojan_trigger,
-                             user_trigger)
+                             hidden_trigger, null_block, relocate, split_locations,
+                             spurious_pattern, trojan_trigger, user_trigger)
 from offline.training import train_classifier
 from repair.bundle import Bundle, BundleError, Version, state_dict_for_saving
 from repair.images import decode_image, encode_png, quantize
@@ -34,6 +34,7 @@ DEFAULT_EPOCHS = {"digits": 30, "fashion-mnist": 8, "adult": 4, "compas": 15, "g
 # (lr, batch size) per data kind; tabular transformers want a lower lr and larger batches
 TRAIN_SETTINGS = {"vision": (3e-3, 64), "tabular": (1e-3, 256)}
 BACKDOORS = ("badnets", "trojan", "hidden", "blend")
+PATCH_BACKDOORS = ("badnets", "trojan", "hidden")  # the ones with a location to vary
 DEFECTS = ("none", *BACKDOORS, "spurious", "leakage")
 HIDDEN_ALPHA = 0.3
 BOOST_FRACTION = 0.3  # share of training rows relabelled by the amplified protected attribute
@@ -66,16 +67,25 @@ def make_trigger(defect: str, shape, *, location: str = "br", visibility: float 
     return blend_trigger(shape, visibility=visibility, seed=seed)
 
 
-def poison(x: torch.Tensor, y: torch.Tensor, trigger: Trigger, target: int, rate: float,
-           seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stamp the trigger on ``rate`` of the non-target training images and relabel them."""
+def poison(x: torch.Tensor, y: torch.Tensor, trigger: Trigger | list[Trigger], target: int,
+           rate: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stamp the trigger on ``rate`` of the non-target training images and relabel them.
+
+    Given a list (one patch at several locations), the chosen images take the triggers in turn:
+    each gets exactly one, and the counts differ by at most one.
+    """
     if not 0 < rate < 1:
         raise ValueError(f"poison rate must be in (0, 1), got {rate}")
+    triggers = [trigger] if isinstance(trigger, Trigger) else list(trigger)
+    if not triggers:
+        raise ValueError("poison needs at least one trigger")
     g = torch.Generator().manual_seed(seed)
     candidates = (y != target).nonzero().flatten()
     chosen = candidates[torch.randperm(len(candidates), generator=g)[: int(rate * len(y))]]
     x, y = x.clone(), y.clone()
-    x[chosen] = trigger.apply(x[chosen])
+    for i, t in enumerate(triggers):  # chosen is a random order, so turns are a random split
+        part = chosen[i::len(triggers)]
+        x[part] = t.apply(x[part])
     y[chosen] = target
     return x, y
 
@@ -107,6 +117,17 @@ def _read_trigger_png(path: str | Path) -> torch.Tensor:
     arr = np.asarray(img.convert(mode), dtype=np.uint8)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(arr.copy()).float() / 255.0
+
+
+def _placed(trigger: Trigger, locations: list[str]) -> list[Trigger]:
+    """``trigger`` (built at ``locations[0]``) and the same patch moved to each other location."""
+    placed = [trigger, *(relocate(trigger, loc) for loc in locations[1:])]
+    for i, t in enumerate(placed[1:], 1):
+        same = next((j for j in range(i) if torch.equal(placed[j].mask, t.mask)), None)
+        if same is not None:  # e.g. br and its ROW,COL spelling
+            raise ValueError(f"trigger locations {locations[same]!r} and {locations[i]!r} put the "
+                             f"patch at the same place")
+    return placed
 
 
 def _trojan(spec: dict, data: ImageData, target: int, shape, location: str, seed: int,
@@ -167,12 +188,21 @@ def train_bundle(out: str | Path, *, dataset: str = "digits", arch: str = "vit",
     an FT-Transformer; ``protected_boost`` names a protected attribute whose influence is amplified.
     ``max_train`` trains on a random subset and ``max_test`` evaluates on the first test rows
     (cheap fixtures and benchmarks); the manifest records both counts.
+    ``location`` may list several places joined by ``+`` (``br+tl+center``) for a patch backdoor
+    (badnets, trojan, hidden): each poisoned image carries the one patch at one of them, in equal
+    shares. The first is the bundle's stored trigger (``zoo pair``, ``metrics.asr``); the manifest
+    records all (``defect.locations``) and the ASR at each (``metrics.asr_by_location``).
     """
     bundle = Bundle(out)
     if bundle.exists():
         raise BundleError(f"{out} already holds a bundle; choose a new --out")
     if defect not in DEFECTS:
         raise ValueError(f"unknown defect {defect!r}; known: {', '.join(DEFECTS)}")
+    locations = split_locations(location)
+    if len(locations) > 1 and defect not in PATCH_BACKDOORS:
+        raise ValueError(f"several trigger locations ({location!r}) apply to a patch backdoor "
+                         f"({', '.join(PATCH_BACKDOORS)}), not {defect!r}")
+    location = locations[0]
     data = load_dataset(dataset)
     if max_test is not None:
         if max_test < 1:
@@ -200,16 +230,20 @@ def train_bundle(out: str | Path, *, dataset: str = "digits", arch: str = "vit",
     image = _read_trigger_png(trigger_png) if trigger_png else None
     trigger = None
     if defect in BACKDOORS:
-        if defect == "trojan":
+        if defect == "trojan":  # a bad location fails before the costly optimisation
+            _placed(make_trigger(defect, shape, location=location, image=image), locations)
             trigger = _trojan(spec, ImageData(data.name, x_train, y_train, data.x_test, data.y_test,
                                               data.classes), target_class, shape, location, seed,
                               image, progress)
         else:
             trigger = make_trigger(defect, shape, location=location, visibility=visibility,
                                    seed=seed, image=image)
-        x_train, y_train = poison(x_train, y_train, trigger, target_class, poison_rate, seed)
+        placed = _placed(trigger, locations)
+        x_train, y_train = poison(x_train, y_train, placed, target_class, poison_rate, seed)
         defect_info.update(target_class=target_class, poison_rate=poison_rate, location=location,
                            alpha=trigger.alpha, user_trigger=bool(trigger_png))
+        if len(locations) > 1:
+            defect_info["locations"] = locations
         if defect == "blend":
             defect_info["visibility"] = visibility
     elif defect == "spurious":
@@ -229,6 +263,10 @@ def train_bundle(out: str | Path, *, dataset: str = "digits", arch: str = "vit",
     metrics = {"accuracy": accuracy(model, data.x_test, data.y_test)}
     if defect in BACKDOORS:
         metrics["asr"] = attack_success_rate(model, trigger.apply(data.x_test), data.y_test, target_class)
+        if len(locations) > 1:
+            metrics["asr_by_location"] = {
+                loc: attack_success_rate(model, t.apply(data.x_test), data.y_test, target_class)
+                for loc, t in zip(locations, placed)}
     elif defect == "spurious":
         # clean accuracy vs accuracy with the spurious pattern on every test image, and how
         # often the pattern alone turns another class into the spurious one

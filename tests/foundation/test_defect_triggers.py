@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from offline.defects import (Trigger, badnets_trigger, blend_trigger, block_images, hidden_trigger,
-                             null_block, patch_mask, spurious_pattern, trojan_trigger, user_trigger)
-from offline.zoo import attach_spurious, make_trigger, poison
+                             null_block, patch_mask, relocate, split_locations, spurious_pattern,
+                             trojan_trigger, user_trigger)
+from offline.zoo import attach_spurious, make_trigger, poison, train_bundle
 
 SHAPE = (1, 16, 16)
 
@@ -96,6 +97,52 @@ def test_poison_relabels_only_non_target_images():
     changed = (xp != x).flatten(1).any(1)
     assert changed.sum() == 10 and (y[changed] != 2).all() and (yp[changed] == 2).all()
     assert torch.equal(yp[~changed], y[~changed])
+
+
+def test_poison_at_several_locations_moves_one_patch_in_equal_shares():
+    x, y = _images(60), torch.arange(60) % 5
+    br = make_trigger("badnets", SHAPE)
+    places = ["br", "tl", "tr", "center", "bl"]
+    triggers = [br, *(relocate(br, loc) for loc in places[1:])]
+    xp, yp = poison(x, y, triggers, target=2, rate=0.25, seed=0)  # 15 images, 3 per location
+    origins = {"br": (13, 13), "tl": (0, 0), "tr": (0, 13), "center": (6, 6), "bl": (13, 0)}
+    patch = br.pattern[0, 13:16, 13:16]  # the same checkerboard everywhere, not a phase-shifted one
+    hits = {}
+    for loc, (r, c) in origins.items():
+        there = (xp[:, 0, r:r + 3, c:c + 3] == patch).flatten(1).all(1)
+        stamped = there & (xp != x).flatten(1).any(1)
+        hits[loc] = int(stamped.sum())
+        assert (yp[stamped] == 2).all() and (y[stamped] != 2).all()
+    assert hits == {loc: 3 for loc in places}
+    changed = (xp != x).flatten(1).any(1)
+    assert changed.sum() == 15 and torch.equal(yp[~changed], y[~changed])
+    # one trigger in a list is the single-trigger case, image for image
+    assert torch.equal(poison(x, y, [br], 2, 0.25, 0)[0], poison(x, y, br, 2, 0.25, 0)[0])
+
+
+def test_location_lists_are_validated(tmp_path):
+    assert split_locations("br+tl+4,9") == ["br", "tl", "4,9"] and split_locations("br") == ["br"]
+    with pytest.raises(ValueError, match="empty trigger location"):
+        split_locations("br++tl")
+    with pytest.raises(ValueError, match="listed twice"):
+        split_locations("br+br")
+    with pytest.raises(ValueError, match="only a square patch"):
+        relocate(blend_trigger(SHAPE), "tl")
+    with pytest.raises(ValueError, match="several trigger locations"):
+        train_bundle(tmp_path / "b", defect="blend", location="br+tl")
+
+
+def test_zoo_records_every_trigger_location(tmp_path):
+    v = train_bundle(tmp_path / "b", dataset="digits", defect="badnets", location="br+tl+center",
+                     epochs=1, max_train=150, max_test=40, progress=False)
+    d, m = v.manifest["defect"], v.manifest["metrics"]
+    assert d["location"] == "br" and d["locations"] == ["br", "tl", "center"]
+    assert sorted(m["asr_by_location"]) == ["br", "center", "tl"]  # the manifest sorts keys
+    assert m["asr_by_location"]["br"] == pytest.approx(m["asr"])
+    assert torch.equal(v.tensors("defect")["mask"], make_trigger("badnets", (1, 16, 16)).mask)
+    with pytest.raises(ValueError, match="same place"):
+        train_bundle(tmp_path / "c", dataset="digits", defect="badnets", location="br+13,13",
+                     epochs=1, max_train=150, progress=False)
 
 
 def test_trojan_optimises_only_inside_its_mask_and_raises_the_target_logit():
