@@ -17,7 +17,10 @@ def _add_defect_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-class", type=int, default=0)
     p.add_argument("--poison-rate", type=float, default=0.1)
     p.add_argument("--visibility", type=float, default=0.5, help="Blend visibility φ")
-    p.add_argument("--location", default="br", help="br|bl|tr|tl|center|ROW,COL")
+    p.add_argument("--location", default="br",
+                   help="br|bl|tr|tl|center|ROW,COL; zoo train with a patch backdoor takes several "
+                        "joined by '+' (br+tl+center: each poisoned image gets one, the first is "
+                        "the bundle's trigger)")
 
 
 def _zoo_train(a):
@@ -42,8 +45,11 @@ def _atpatch_build(a):
     protected = [s for s in (a.protected or "").split(",") if s]
     version = build_detector(a.bundle, protected=protected, epochs=a.epochs, threshold=a.threshold)
     meta = version.manifest.get("atpatch", {})
+    for warning in meta.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps({"version": version.id, "detector": meta.get("detector_metrics", {}),
-                      "variants": meta.get("variants", {}), "threshold": meta.get("threshold")}))
+                      "variants": meta.get("variants", {}), "threshold": meta.get("threshold"),
+                      "held_out": meta.get("held_out"), "warnings": meta.get("warnings", [])}))
 
 
 def _rectify(a):

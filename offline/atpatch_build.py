@@ -6,7 +6,9 @@ pairs (§3.2.2). Then the Detector (Eq. 5-8) and the benign columns Q (Eq. 10). 
 variant (Γ of Eq. 11, or the masked Q_k = 0) and the layers the Detector runs on (the shortest
 prefix that does as well as all of them) are chosen on held-out inputs by the defect metric, then
 accuracy; the measurements are stored in the manifest, and the Detector's strict metrics are taken
-on the chosen layers' held-out maps.
+on the chosen layers' held-out maps. The held-out defect metric and accuracy with and without
+the patch are stored too; where the patch leaves the defect or costs accuracy beyond
+``WARN_DEFECT`` / ``WARN_ACCURACY_DROP`` the manifest and the command line carry a warning.
 
 Everything that can be wrong with the input (no attention layers, unknown protected attribute,
 bad τ) raises before anything is written.
@@ -119,6 +121,8 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
     else:  # a protected token left readable in any layer carries its value to [CLS]
         layer_selection = {"chosen": list(range(det.n_layers)), "reason": "fairness masks every layer"}
     layers = layer_selection["chosen"]
+    held_out = {"unpatched": run(selection["chosen"], layers, "off"),
+                "patched": run(selection["chosen"], layers), "measured_on": _MEASURED_ON}
     flags = detect_maps(det, held.maps, threshold)
     metrics = strict_metrics(torch.cat([flags[l] for l in layers]), torch.cat([held.labels[l] for l in layers]))
     manifest = {k: v for k, v in version.manifest.items() if k not in _OWN_KEYS}
@@ -133,6 +137,8 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
         "query_lens": access.query_lens,
         "detector": det.config(),
         "detector_metrics": metrics,
+        "held_out": held_out,
+        "warnings": _warnings(kind, held_out["unpatched"], held_out["patched"]),
         "debugging_set": debug.info,
         "training": {"epochs": epochs, "lr": 1e-3, "lambda": 1.0, "optimizer": "AdamW",
                      "final_loss": round(history[-1], 5), "seconds": round(train_seconds, 2)},
@@ -167,16 +173,16 @@ def _held_out_eval(model, kind, data, extra):
         keep = y_clean != trig.target
         x_bad = trig.apply(x_clean[keep])
 
-        def measure(patch):
-            acc = (patch(x_clean).logits.argmax(-1) == y_clean).float().mean().item()
-            return (patch(x_bad).logits.argmax(-1) == trig.target).float().mean().item(), acc
+        def measure(patch, mode="on"):
+            acc = (patch(x_clean, mode).logits.argmax(-1) == y_clean).float().mean().item()
+            return (patch(x_bad, mode).logits.argmax(-1) == trig.target).float().mean().item(), acc
     else:
         from repair.metrics import unfairness
 
         x, y = data.x_test[:2000], data.y_test[:2000]
 
-        def measure(patch):
-            net = PatchedModel(patch)
+        def measure(patch, mode="on"):
+            net = PatchedModel(patch, mode)
             uf = max(unfairness(net, x, p["column"], p["values"]) for p in extra["protected"].values())
             return uf, (net(x).argmax(-1) == y).float().mean().item()
     return measure
@@ -186,15 +192,35 @@ _MEASURED_ON = "held-out inputs (inverted trigger / protected swaps)"
 
 
 def _runner(model, det, benign, threshold, measure):
-    """``run(variant, layers) -> {defect_metric, accuracy}`` of AtPatch on the held-out inputs."""
-    def run(variant, layers):
+    """``run(variant, layers, mode="on") -> {defect_metric, accuracy}`` of AtPatch on the held-out
+    inputs (``mode="off"``: the unpatched model)."""
+    def run(variant, layers, mode="on"):
         patch = AtPatch(model, det, benign, threshold=threshold, variant=variant, layers=layers)
         try:
-            defect, acc = measure(patch)
+            defect, acc = measure(patch, mode)
         finally:
             patch.remove()
         return {"defect_metric": round(defect, 4), "accuracy": round(acc, 4)}
     return run
+
+
+# Beyond these, on held-out inputs, the build says the Detector did not learn the defect or costs
+# too much accuracy: the version is still written (the numbers are the user's to judge), with warnings.
+WARN_DEFECT = {"backdoor": 0.05, "fairness": 0.01}   # ASR / UF left after the patch
+WARN_ACCURACY_DROP = 0.01
+
+
+def _warnings(kind: str, unpatched: dict, patched: dict) -> list[str]:
+    what = "attack success rate of the inverted trigger" if kind == "backdoor" else "unfairness"
+    out = []
+    if patched["defect_metric"] > WARN_DEFECT[kind]:
+        out.append(f"held-out {what} is still {patched['defect_metric']:.1%} with the patch "
+                   f"({unpatched['defect_metric']:.1%} without): the Detector misses the defect")
+    drop = unpatched["accuracy"] - patched["accuracy"]
+    if drop > WARN_ACCURACY_DROP:
+        out.append(f"the patch costs {drop * 100:.1f} pt of held-out accuracy "
+                   f"({unpatched['accuracy']:.4f} -> {patched['accuracy']:.4f})")
+    return out
 
 
 def _choose_variant(run) -> dict:

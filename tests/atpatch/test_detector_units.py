@@ -30,6 +30,12 @@ def test_contrastive_loss_prefers_separated_features():
     apart = torch.tensor([[1., 0.], [1., 0.1], [0., 1.], [0.1, 1.]])
     mixed = torch.tensor([[1., 0.], [0., 1.], [1., 0.1], [0.1, 1.]])
     assert contrastive_loss(apart, labels, pos) < contrastive_loss(mixed, labels, pos)
+    # equals Eq. 8 read off the full similarity matrix (negatives: every column of the other label)
+    z = torch.nn.functional.normalize(mixed, dim=-1)
+    sim = z @ z.t() / 0.5
+    other = labels[:, None] != labels[None, :]
+    full = torch.logsumexp(torch.cat([sim.gather(1, pos[:, None]), sim.masked_fill(~other, -torch.inf)], 1), 1)
+    assert torch.allclose(contrastive_loss(mixed, labels, pos), (full - sim.gather(1, pos[:, None])[:, 0]).mean())
 
 
 def _synthetic(m=96, n=9, seed=0):

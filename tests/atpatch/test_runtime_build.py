@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offline.atpatch_build import BuildError, build_detector
+from offline.atpatch_build import BuildError, _warnings, build_detector
 from offline.datasets import load_dataset
 from offline.defects import Trigger
 from repair.atpatch.detector import Detector, DetectorError
@@ -40,6 +40,19 @@ def test_build_writes_a_child_version_with_detector_and_benign(digits_patched, d
     full, chosen = sel["prefixes"]["0..2"], sel["prefixes"][f"0..{len(layers) - 1}"]
     tol = sel["tolerance"]
     assert chosen["defect_metric"] <= full["defect_metric"] + tol and chosen["accuracy"] >= full["accuracy"] - tol
+    # held-out inverted-trigger inputs: the backdoor works without the patch and not with it
+    held = meta["held_out"]
+    assert held["unpatched"]["defect_metric"] > 0.9 and held["patched"]["defect_metric"] <= 0.05
+    assert held["patched"] == chosen and meta["warnings"] == []
+
+
+def test_build_warns_when_the_patch_misses_the_defect_or_costs_accuracy():
+    ok = {"defect_metric": 0.0, "accuracy": 0.97}
+    assert _warnings("backdoor", {"defect_metric": 1.0, "accuracy": 0.97}, ok) == []
+    missed = _warnings("backdoor", {"defect_metric": 1.0, "accuracy": 0.97}, {"defect_metric": 0.32, "accuracy": 0.97})
+    assert len(missed) == 1 and "32.0%" in missed[0] and "misses" in missed[0]
+    costly = _warnings("fairness", {"defect_metric": 0.15, "accuracy": 0.687}, {"defect_metric": 0.0, "accuracy": 0.545})
+    assert len(costly) == 1 and "14.2 pt" in costly[0]
 
 
 def test_only_the_chosen_layers_are_hooked(patched):
