@@ -5,7 +5,10 @@
   the trigger mask covers are labelled anomalous in the layers where they are over-attended
   (their mean attention in ``x'`` exceeds ``excess`` times that in ``x``). Measured on the digits
   ViT, the trigger's columns draw ~50x the attention in the first layer and none in later ones;
-  labelling them there too would teach the Detector to flag clean-looking maps.
+  labelling them there too would teach the Detector to flag clean-looking maps. ``excess`` = 1.5:
+  on the Fashion-MNIST Trojan ViT the inverted trigger drew 1.87x in the first layer, the one
+  where patching works; at 2.0 that layer went unlabelled and the real trigger's ASR stayed at
+  100 %, at 1.5 it fell to 10.7 % (``bench/results/atpatch_fashion-trojan.md``).
 - fairness (§3.2.2, Eq. 4): every other value of each protected attribute; rows whose
   prediction flips are bias samples, each paired with the clean row (no flip) of the same
   protected value at minimum Hamming distance; the attribute's token column is anomalous at every
@@ -83,7 +86,7 @@ def pair_labels(maps_c, maps_b, tokens: list[int], layers: list[int], excess: fl
 
 
 def backdoor_set(model: nn.Module, x: torch.Tensor, apply_trigger, mask: torch.Tensor, target: int,
-                 patch_size: int, prefix: int = 1, excess: float = 2.0) -> DebugSet:
+                 patch_size: int, prefix: int = 1, excess: float = 1.5) -> DebugSet:
     """Clean/triggered pairs (§3.2.1) from clean images ``x``; ``apply_trigger(x) -> x'``."""
     x_bad = apply_trigger(x)
     keep = (predict(model, x) != target) & (predict(model, x_bad) == target)
