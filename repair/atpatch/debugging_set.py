@@ -3,9 +3,10 @@
 - backdoor (§3.2.1): clean images ``x`` and ``x'`` = ``x`` with the (inverted) trigger; only pairs
   where the trigger works (``f(x) != target``, ``f(x') = target``) are kept. Columns of the tokens
   the trigger mask covers are labelled anomalous in the layers where they are over-attended
-  (their mean attention in ``x'`` exceeds ``excess`` times that in ``x``). Measured on the digits
-  ViT, the trigger's columns draw ~50x the attention in the first layer and none in later ones;
-  labelling them there too would teach the Detector to flag clean-looking maps. ``excess`` = 1.5:
+  (their mean attention in ``x'`` exceeds ``excess`` times that in ``x``). Measured on the issue's
+  digits ViT, the real trigger's columns drew ~50x the attention of other columns in the first
+  layer and no excess in later ones; labelling them where they draw none would teach the Detector
+  to flag clean-looking maps. ``excess`` = 1.5:
   on the Fashion-MNIST Trojan ViT the inverted trigger drew 1.87x in the first layer, the one
   where patching works; at 2.0 that layer went unlabelled and the real trigger's ASR stayed at
   100 %, at 1.5 it fell to 10.7 % (``bench/results/atpatch_fashion-trojan.md``).
