@@ -119,10 +119,11 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
     if kind == "backdoor":
         layer_selection = _choose_layers(run, selection, det.n_layers, layer_tolerance)
     else:  # a protected token left readable in any layer carries its value to [CLS]
-        layer_selection = {"chosen": list(range(det.n_layers)), "reason": "fairness masks every layer"}
+        layer_selection = {"chosen": list(range(det.n_layers)), "reason": "fairness masks every layer",
+                           "measured": selection[selection["chosen"]]}
     layers = layer_selection["chosen"]
     held_out = {"unpatched": run(selection["chosen"], layers, "off"),
-                "patched": run(selection["chosen"], layers), "measured_on": _MEASURED_ON}
+                "patched": layer_selection["measured"], "measured_on": _MEASURED_ON}
     flags = detect_maps(det, held.maps, threshold)
     metrics = strict_metrics(torch.cat([flags[l] for l in layers]), torch.cat([held.labels[l] for l in layers]))
     manifest = {k: v for k, v in version.manifest.items() if k not in _OWN_KEYS}
@@ -246,5 +247,5 @@ def _choose_layers(run, selection: dict, n_layers: int, tolerance: float) -> dic
                 and measured[k]["accuracy"] >= best["accuracy"] - tolerance):
             layers = list(range(k))
             break
-    return {"chosen": layers, "measured_on": _MEASURED_ON, "tolerance": tolerance,
-            "prefixes": {f"0..{k - 1}": r for k, r in sorted(measured.items())}}
+    return {"chosen": layers, "measured": measured[len(layers)], "measured_on": _MEASURED_ON,
+            "tolerance": tolerance, "prefixes": {f"0..{k - 1}": r for k, r in sorted(measured.items())}}

@@ -6,10 +6,10 @@
   (their mean attention in ``x'`` exceeds ``excess`` times that in ``x``). Measured on the issue's
   digits ViT, the real trigger's columns drew ~50x the attention of other columns in the first
   layer and no excess in later ones; labelling them where they draw none would teach the Detector
-  to flag clean-looking maps. ``excess`` = 1.5:
-  on the Fashion-MNIST Trojan ViT the inverted trigger drew 1.87x in the first layer, the one
-  where patching works; at 2.0 that layer went unlabelled and the real trigger's ASR stayed at
-  100 %, at 1.5 it fell to 10.7 % (``bench/results/atpatch_fashion-trojan.md``).
+  to flag clean-looking maps. ``excess`` = 1.5: on the Fashion-MNIST Trojan ViT the inverted
+  trigger drew 1.87x in the first layer, the one where patching works; at 2.0 that layer went
+  unlabelled and the real trigger's ASR stayed at 100 %, at 1.5 it fell to 10.7 %
+  (``bench/results/atpatch_fashion-trojan.md``).
 - fairness (§3.2.2, Eq. 4): every other value of each protected attribute; rows whose
   prediction flips are bias samples, each paired with the clean row (no flip) of the same
   protected value at minimum Hamming distance; the attribute's token column is anomalous at every

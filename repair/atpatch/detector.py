@@ -12,7 +12,8 @@ Why profiles, not a 2-D CNN over the full ``Nq x N`` map: the first version ran 
 output ran on every map. Pooling first leaves a few reductions per map. Trained on the same
 debugging set (held out 20 %, τ = 0.1, one run each), the two detected about equally well
 (strict F1 0.79 profile, 0.85 2-D) and both brought the real trigger's ASR to 0; see
-``bench/results/atpatch_*.md`` for the current numbers. Over-attention is a property of a column's mass, which the profile keeps.
+``bench/results/atpatch_*.md`` for the current numbers. Over-attention is a property of a
+column's mass, which the profile keeps.
 
 One Detector serves every layer: a learned layer embedding is added to the MLP's hidden layer.
 There is no per-token embedding: an inverted trigger may sit on another token than the real one
