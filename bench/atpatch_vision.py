@@ -102,15 +102,16 @@ def main():
              "and as many clean inputs), on the layers the Detector runs on.", "",
              f"Unpatched: accuracy {off['accuracy']}, ASR {off['asr']}.", "",
              "| seed | build s | layers | variant | accuracy | ASR | clean patch rate | precision | recall "
-             "| FPR | FNR | no Detector: acc / ASR | no rescaling: acc / ASR |", "|" + "---|" * 13]
+             "| FPR | FNR | no Detector: acc / ASR | no rescaling: acc / ASR | real trigger's columns: acc / ASR |",
+             "|" + "---|" * 14]
     for b in builds:
         on, d, meta = b["on"], b["on"]["detector"], b["atpatch_manifest"]
         ab = on.get("ablations", {})
-        nd, nr = ab.get("without_detector", {}), ab.get("without_rescaling", {})
+        nd, nr, tc = (ab.get(k, {}) for k in ("without_detector", "without_rescaling", "true_columns"))
         lines.append(f"| {b['seed']} | {b['build_seconds']} | {meta['layers']} | {meta['variants']['backdoor']} | "
                      f"{on['accuracy']} | {on['asr']} | {on['patch_rate']['clean']} | {d['precision']} | "
                      f"{d['recall']} | {d['fpr']} | {d['fnr']} | {nd.get('accuracy')} / {nd.get('asr')} | "
-                     f"{nr.get('accuracy')} / {nr.get('asr')} |")
+                     f"{nr.get('accuracy')} / {nr.get('asr')} | {tc.get('accuracy')} / {tc.get('asr')} |")
     lines += ["", f"τ and variant sweep, seed {seeds[0]}'s build, on its layers:", "",
               "| τ | variant | accuracy | ASR | clean patch rate |", "|---|---|---|---|---|"]
     lines += [f"| {r['threshold']} | {r['variant']} | {r['accuracy']} | {r['asr']} | {r['clean_patch_rate']} |"

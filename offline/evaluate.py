@@ -1,7 +1,8 @@
 """``repair-proxy evaluate``: accuracy, ASR / UF of a version with AtPatch off or on, and with
 ``--patch on`` the Detector's strict map-level metrics (AtPatch §4.2.2), the two ablations of
-§4.2.3 (a random 1-3 column selector instead of the Detector; no rescaling) and optional PNG
-heatmaps of attention maps before/after the patch.
+§4.2.3 (a random 1-3 column selector instead of the Detector; no rescaling), for a known trigger
+the method's ceiling (the real trigger's columns instead of the Detector: what a perfect Detector
+would reach), and optional PNG heatmaps of attention maps before/after the patch.
 
 The Detector is scored on held-out maps: test images whose real trigger works (ground truth: the
 trigger's tokens where they draw more than 2x the attention of the same image without trigger,
@@ -49,6 +50,15 @@ def _random_selector(n_tokens: int, seed: int = 0):
         for i in range(b):
             flags[i, 1 + torch.randperm(n_tokens - 1, generator=g)[: int(k[i])]] = True
         return flags.to(attn.device)
+    return select
+
+
+def _columns_selector(n_tokens: int, tokens: list[int]):
+    """A perfect Detector for a known trigger: its columns, on every input."""
+    def select(layer, attn):
+        flags = torch.zeros(attn.shape[0], n_tokens, dtype=torch.bool, device=attn.device)
+        flags[:, tokens] = True
+        return flags
     return select
 
 
@@ -148,18 +158,24 @@ def _vision(result, v, model, atp, net, data, defect, target_class, visibility, 
         result["detector"] = detector_metrics(atp, model, data.x_test, x_bad, data.y_test, target,
                                               trig.mask, patch_size)
     if ablations:
-        result["ablations"] = _ablations(atp, data.x_test, data.y_test, x_bad, target)
+        tokens = patch_tokens(trig.mask, patch_size)
+        result["ablations"] = _ablations(atp, data.x_test, data.y_test, x_bad, target, true_tokens=tokens)
     if heatmaps:
         keep = (data.y_test != target).nonzero().flatten()[:3]
         result["heatmaps"] = (save_heatmaps(atp, x_bad[keep], Path(heatmaps), "triggered")
                               + save_heatmaps(atp, data.x_test[keep], Path(heatmaps), "clean"))
 
 
-def _ablations(atp: AtPatch, x, y, x_bad=None, target=None, protected: dict | None = None) -> dict:
-    """The paper's two ablations, each measured once: accuracy, ASR (backdoor), UF (fairness)."""
+def _ablations(atp: AtPatch, x, y, x_bad=None, target=None, protected: dict | None = None,
+               true_tokens: list[int] | None = None) -> dict:
+    """The paper's two ablations, each measured once: accuracy, ASR (backdoor), UF (fairness);
+    with ``true_tokens`` also ``true_columns``, those columns patched on every input."""
     out = {}
-    for name, change in (("without_detector", {"selector": _random_selector(atp.access.seq_len)}),
-                         ("without_rescaling", {"rescale": False})):
+    changes = [("without_detector", {"selector": _random_selector(atp.access.seq_len)}),
+               ("without_rescaling", {"rescale": False})]
+    if true_tokens:
+        changes.append(("true_columns", {"selector": _columns_selector(atp.access.seq_len, true_tokens)}))
+    for name, change in changes:
         saved = atp.selector, atp.rescale
         atp.selector = change.get("selector", atp.selector)
         atp.rescale = change.get("rescale", atp.rescale)

@@ -3,23 +3,36 @@
 Eq. 5: the map is averaged over heads. Eq. 6: ``σ(MLP(CNN(φ(A))))`` per column. Our CNN reads the
 map's *column profile*: for every column, four statistics over the query rows (mean and max of
 ``a·N``, the attention relative to uniform, and of ``log(a / Q)``, relative to what clean inputs pay
-that column, Eq. 10). A 1-D convolution (kernel 3) runs along the columns so that each column's
-score sees its neighbouring tokens, and a per-column MLP gives one logit per column.
+that column, Eq. 10), and the same four minus their median over the map's columns, which tells a
+column how it stands against the rest of *this* map. A 1x1 convolution and a per-column MLP give
+one logit per column.
 
 Why profiles, not a 2-D CNN over the full ``Nq x N`` map: the first version ran a 2-D CNN (3x3,
 16 channels) and then pooled over rows. On the digits ViT it cost +60 % (batch 1) and +111 %
 (batch 64) over the eager forward, because the 3x3 conv and the row pooling of its 16-channel
 output ran on every map. Pooling first leaves a few reductions per map. Trained on the same
 debugging set (held out 20 %, τ = 0.1, one run each), the two detected about equally well
-(strict F1 0.79 profile, 0.85 2-D) and both brought the real trigger's ASR to 0; see
-``bench/results/atpatch_*.md`` for the current numbers. Over-attention is a property of a
-column's mass, which the profile keeps.
+(strict F1 0.79 profile, 0.85 2-D) and both brought the real trigger's ASR to 0.
+
+Why no neighbouring columns: the second version ran a kernel-3 convolution along the columns.
+The inverted trigger the Detector trains on often sits on another token than the real one (digits:
+token 12, the real trigger token 16 at the edge next to the zero padding; Fashion-MNIST: token 1),
+and a kernel over neighbours learns that token's surroundings. Over three build seeds on the digits
+ViT it left ASR at 0.6 / 0 / 18.8 %; the median-relative profile without neighbours gives 0 / 0 / 0 %
+at −0 to −0.3 pt accuracy (Fashion-MNIST BadNets 0.94 → 0.22, Trojan 0.11 → 0.08), at the price
+of more flagged clean maps (digits strict FPR 0.15-0.24, was 0.10-0.12). Without the
+median-relative half the Detector only sees absolute levels and flagged 16-31 % of clean maps,
+costing up to 2.2 pt. See ``bench/results/atpatch_*.md`` for the current numbers.
 
 One Detector serves every layer: a learned layer embedding is added to the MLP's hidden layer.
-There is no per-token embedding: an inverted trigger may sit on another token than the real one
-(on the digits ViT it is one patch up), so a column is judged by its attention, not its position.
-Row statistics accept any number of query rows (the FT-Transformer's last layer has one).
-``features`` is ``f_θ`` of Eq. 8; ``train_detector`` minimises Eq. 7 (BCE + λ·contrastive) with AdamW.
+A backdoor Detector has no per-token embedding either, for the same reason: a column is judged by
+its attention, not its position. A fairness Detector has one (``token_embedding``): a protected
+attribute is one fixed token of the tabular model and draws no excess attention (the issue's Adult
+measurement: ≈ 1/15 of each row, bias row or not), so its identity is all there is to go by.
+Without it, on Adult the Detector flagged other tokens on every row and masking them cost 12 pt of
+accuracy while race UF rose from 4 % to 19 %. Row statistics accept any number of query rows (the FT-Transformer's last layer
+has one). ``features`` is ``f_θ`` of Eq. 8; ``train_detector`` minimises Eq. 7 (BCE + λ·contrastive)
+with AdamW.
 
 Hyper-parameters live in the manifest (``config()``), tensors in ``detector.safetensors``.
 """
@@ -37,22 +50,25 @@ class DetectorError(ValueError):
 
 
 _EPS = 1e-4
-DESIGN = "column-profile-cnn"
-_PROFILE = 4  # statistics per column
+DESIGN = "column-profile-relative"
+_PROFILE = 4  # statistics per column; the features are these and these minus the map's median
 
 
 class Detector(nn.Module):
     def __init__(self, n_layers: int, seq_len: int, channels: int = 16, hidden: int = 32,
-                 query_lens: list[int] | None = None):
+                 query_lens: list[int] | None = None, token_embedding: bool = False):
         super().__init__()
         self.n_layers, self.seq_len, self.channels, self.hidden = n_layers, seq_len, channels, hidden
         self.query_lens = list(query_lens or [seq_len] * n_layers)
         # log(1 / (Q + ε)) per layer: log(a / Q) is then one add on the hot path.
         for l, nq in enumerate(self.query_lens):
             self.register_buffer(f"log_inv_benign{l}", torch.zeros(nq, seq_len))
-        self.conv = nn.Conv1d(_PROFILE, channels, 3, padding=1)
+        self.conv = nn.Conv1d(2 * _PROFILE, channels, 1)
         self.mix = nn.Conv1d(channels, hidden, 1)
         self.layer_emb = nn.Parameter(torch.zeros(n_layers, hidden, 1))
+        self.token_embedding = token_embedding
+        # per-token term of the hidden layer; all zeros and frozen when the Detector is position-free
+        self.token_emb = nn.Parameter(torch.zeros(hidden, seq_len), requires_grad=token_embedding)
         self.out = nn.Conv1d(hidden, 1, 1)
         # Start from the prior "almost every column is normal" (p ≈ 2 %), not p = 0.5, which at
         # τ = 0.1 would flag every column until training has pushed all of them down.
@@ -65,7 +81,8 @@ class Detector(nn.Module):
 
     def config(self) -> dict:
         return {"design": DESIGN, "n_layers": self.n_layers, "seq_len": self.seq_len,
-                "channels": self.channels, "hidden": self.hidden, "query_lens": self.query_lens}
+                "channels": self.channels, "hidden": self.hidden, "query_lens": self.query_lens,
+                "token_embedding": self.token_embedding}
 
     @classmethod
     def from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "Detector":
@@ -74,23 +91,25 @@ class Detector(nn.Module):
                                 f"{DESIGN!r}; rebuild it with `repair-proxy atpatch build`")
         try:
             det = cls(int(config["n_layers"]), int(config["seq_len"]), int(config["channels"]),
-                      int(config["hidden"]), [int(q) for q in config["query_lens"]])
+                      int(config["hidden"]), [int(q) for q in config["query_lens"]],
+                      bool(config["token_embedding"]))
             det.load_state_dict(state, strict=True)
         except (KeyError, RuntimeError, TypeError) as err:
             raise DetectorError(f"detector does not match its manifest config {config}: {err}") from err
         return det
 
     def profile(self, a: torch.Tensor, layer: int) -> torch.Tensor:
-        """Head-averaged maps ``(B, Nq, N)`` → column profiles ``(B, 4, N)``: mean and max over
-        rows of ``a·N`` and of ``log(a / Q)``."""
+        """Head-averaged maps ``(B, Nq, N)`` → column features ``(B, 8, N)``: mean and max over
+        rows of ``a·N`` and of ``log(a / Q)``, then the same minus their median over columns."""
         n = a.shape[-1]
         ratio = torch.log(a + _EPS) + getattr(self, f"log_inv_benign{layer}")
-        return torch.stack([a.mean(1) * n, a.amax(1) * n, ratio.mean(1), ratio.amax(1)], 1)
+        prof = torch.stack([a.mean(1) * n, a.amax(1) * n, ratio.mean(1), ratio.amax(1)], 1)
+        return torch.cat([prof, prof - prof.median(-1, keepdim=True).values], 1)
 
     def features(self, a: torch.Tensor, layer: int) -> torch.Tensor:
         """``f_θ``: head-averaged maps ``(B, Nq, N)`` → ``(B, hidden, N)``."""
         z = F.relu(self.conv(self.profile(a, layer)))
-        return F.relu(self.mix(z) + self.layer_emb[layer])
+        return F.relu(self.mix(z) + self.layer_emb[layer] + self.token_emb)
 
     def forward(self, a: torch.Tensor, layer: int) -> torch.Tensor:
         """Eq. 6 before σ: logits ``(B, N)`` of head-averaged maps ``(B, Nq, N)``."""
@@ -100,15 +119,19 @@ class Detector(nn.Module):
 
     def prepare(self) -> None:
         """Fold what the hot path reuses into plain matrices, channels last: the ×N of the profile
-        into the conv weights, the layer embedding into the mix bias."""
+        into the conv weights, the layer and token embeddings into a ``(N, hidden)`` mix bias per layer. With ``W = [W_p, W_r]`` over
+        (profile, profile − median), ``W·[p; p − m] = (W_p + W_r)·p − W_r·m``: the median is
+        subtracted once per map, not once per column."""
         n = self.seq_len
-        w = self.conv.weight.detach().clone()                     # (C, 4, 3)
-        w[:, :2] *= n
-        w = w[:, [0, 2, 1, 3]]  # the hot path's profile order: means of (a, ratio), then maxima
-        self._fast = {"conv_w": w.permute(2, 1, 0).reshape(3 * _PROFILE, -1).contiguous(),
+        w = self.conv.weight.detach()[:, :, 0].clone()             # (C, 8)
+        w[:, [0, 1, 4, 5]] *= n
+        order = [0, 2, 1, 3]  # the hot path's profile order: means of (a, ratio), then maxima
+        w_p, w_r = w[:, order], w[:, [4 + i for i in order]]
+        self._fast = {"conv_w": (w_p + w_r).t().contiguous(), "median_w": w_r.t().contiguous(),
                       "conv_b": self.conv.bias.detach(),
                       "mix_w": self.mix.weight.detach()[:, :, 0].t().contiguous(),
-                      "mix_b": [(self.mix.bias + self.layer_emb[l, :, 0]).detach() for l in range(self.n_layers)],
+                      "mix_b": [(self.mix.bias + self.layer_emb[l, :, 0] + self.token_emb.t()).detach().contiguous()
+                                for l in range(self.n_layers)],
                       "out_w": self.out.weight.detach()[0, :, 0], "out_b": self.out.bias.detach()}
 
     def logits_from_heads(self, attn: torch.Tensor, layer: int) -> torch.Tensor:
@@ -121,11 +144,12 @@ class Detector(nn.Module):
         ratio = (a + _EPS).log_().add_(getattr(self, f"log_inv_benign{layer}"))
         both = torch.stack([a, ratio], -1)                                             # (B, Nq, N, 2)
         prof = torch.cat([both.mean(1), both.amax(1)], -1)                             # (B, N, 4)
-        # each row: the profiles of columns j-1, j, j+1 (zero-padded), as the kernel-3 conv reads them
-        windows = F.pad(prof, (0, 0, 1, 1)).unfold(1, 3, 1).transpose(2, 3).reshape(b * n, 3 * _PROFILE)
-        z = torch.addmm(f["conv_b"], windows, f["conv_w"]).relu_()                    # (B·N, C)
-        h = torch.addmm(f["mix_b"][layer], z, f["mix_w"]).relu_()                      # (B·N, hidden)
-        return (h @ f["out_w"]).view(b, n).add_(f["out_b"])
+        # torch.median's (lower) median, which kthvalue computes in about half the time here
+        shift = prof.kthvalue((n + 1) // 2, 1).values @ f["median_w"]                  # (B, C)
+        z = torch.addmm(f["conv_b"], prof.view(b * n, _PROFILE), f["conv_w"]).view(b, n, -1)
+        z = z.sub_(shift.unsqueeze(1)).relu_().view(b * n, -1)                         # (B·N, C)
+        h = (z @ f["mix_w"]).view(b, n, -1).add_(f["mix_b"][layer]).relu_()            # (B, N, hidden)
+        return (h @ f["out_w"]).add_(f["out_b"])
 
     def _apply(self, fn, *args, **kwargs):
         # Moving the module re-derives the folded weights on the new device.
@@ -187,7 +211,8 @@ def _positives(labels: torch.Tensor, partner: torch.Tensor, g: torch.Generator) 
 def train_detector(maps: list[torch.Tensor], labels: list[torch.Tensor], partner: torch.Tensor,
                    benign: list[torch.Tensor], epochs: int = 50, lr: float = 1e-3, lam: float = 1.0, batch_size: int = 32,
                    seed: int = 0, progress: bool = True, channels: int = 16,
-                   hidden: int = 32, pos_weight: float | None = None) -> tuple[Detector, list[float]]:
+                   hidden: int = 32, pos_weight: float | None = None,
+                   token_embedding: bool = False) -> tuple[Detector, list[float]]:
     """Train on the Debugging Set's maps (Eq. 7-8). Per layer ``l``: ``maps[l]`` ``(M, Nq, N)``
     head-averaged, ``labels[l]`` ``(M, N)`` in {0, 1}; ``partner`` ``(M,)`` is each map's clean
     or defective counterpart (the same sample set at every layer). Returns the Detector in eval
@@ -195,6 +220,7 @@ def train_detector(maps: list[torch.Tensor], labels: list[torch.Tensor], partner
     we keep AdamW, 50 epochs and λ = 1 but use lr 1e-3 (measured: at 1e-4 the digits Detector had
     not left its prior after 30 epochs) and weight the rare anomalous columns in the BCE by
     ``pos_weight`` (default: sqrt(negatives / positives)), without which "never flag" is a good optimum.
+    ``token_embedding``: a per-token term, for fairness Detectors (see the module docstring).
     """
     from tqdm import tqdm
 
@@ -203,7 +229,7 @@ def train_detector(maps: list[torch.Tensor], labels: list[torch.Tensor], partner
     # the global generator earlier in the process, and the trained Detector with it.
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    det = Detector(n_layers, maps[0].shape[-1], channels, hidden, [m.shape[1] for m in maps])
+    det = Detector(n_layers, maps[0].shape[-1], channels, hidden, [m.shape[1] for m in maps], token_embedding)
     det.set_benign(benign)
     opt = torch.optim.AdamW(det.parameters(), lr=lr)
     # Batches are built from map *pairs* so each holds both sides of a delta.

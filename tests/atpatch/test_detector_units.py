@@ -38,17 +38,17 @@ def test_contrastive_loss_prefers_separated_features():
     assert torch.allclose(contrastive_loss(mixed, labels, pos), (full - sim.gather(1, pos[:, None])[:, 0]).mean())
 
 
-def _synthetic(m=96, n=9, seed=0):
-    """Two layers; defective maps over-attend column 4 in layer 0 only."""
+def _synthetic(m=96, n=9, seed=0, column=4):
+    """Two layers; defective maps over-attend ``column`` in layer 0 only."""
     g = torch.Generator().manual_seed(seed)
     clean = [torch.randn(m, n, n, generator=g).softmax(-1) for _ in range(2)]
     bad = [c.clone() for c in clean]
     logits = torch.randn(m, n, n, generator=g)
-    logits[..., 4] += 4.0
+    logits[..., column] += 4.0
     bad[0] = logits.softmax(-1)
     maps = [torch.cat([c, b]) for c, b in zip(clean, bad)]
     labels = [torch.zeros(2 * m, n), torch.zeros(2 * m, n)]
-    labels[0][m:, 4] = 1
+    labels[0][m:, column] = 1
     partner = torch.cat([torch.arange(m) + m, torch.arange(m)])
     return maps, labels, partner
 
@@ -63,11 +63,33 @@ def test_detector_learns_over_attended_column_and_fast_path_matches():
     flags = detect_maps(det, test_maps, 0.1)
     m = strict_metrics(torch.cat(flags), torch.cat(test_labels))
     assert m["fnr"] <= 0.05 and m["fpr"] <= 0.1
+    # trained on column 4, it finds the same over-attention on column 7: an inverted trigger rarely
+    # sits on the real trigger's token, so the Detector must not learn positions
+    moved_maps, moved_labels, _ = _synthetic(seed=2, column=7)
+    moved = strict_metrics(detect_maps(det, moved_maps[:1], 0.1)[0], moved_labels[0])
+    assert moved["fnr"] <= 0.05 and moved["fpr"] <= 0.1
     # the folded hot path equals Eq. 5 + the Detector
     det.prepare()
     for layer in (0, 1):
         heads = torch.stack([test_maps[layer][:8]] * 3, 1)
         assert torch.allclose(det.logits_from_heads(heads, layer), det(test_maps[layer][:8], layer), atol=1e-4)
+
+
+def test_detector_is_equivariant_to_column_order():
+    """Nothing in the Detector depends on a column's index: permuting the map's columns (and Q's)
+    permutes the logits, on both the training path and the folded hot path."""
+    torch.manual_seed(0)
+    det = Detector(2, 9)
+    torch.nn.init.normal_(det.layer_emb)
+    maps = torch.randn(4, 9, 9).softmax(-1)
+    q = torch.randn(9, 9).softmax(-1)
+    perm = torch.randperm(9)
+    det.set_benign([q, q])
+    base = det(maps, 1)
+    det.set_benign([q[:, perm], q[:, perm]])
+    assert torch.allclose(det(maps[..., perm], 1), base[:, perm], atol=1e-5)
+    det.prepare()
+    assert torch.allclose(det.logits_from_heads(maps[:, None, :, perm], 1), base[:, perm], atol=1e-5)
 
 
 def test_detector_round_trips_through_config():
@@ -79,6 +101,23 @@ def test_detector_round_trips_through_config():
     old = {k: v for k, v in det.config().items() if k != "design"}
     with pytest.raises(DetectorError, match="rebuild it with `repair-proxy atpatch build`"):
         Detector.from_config(old, det.state_dict())
+
+
+def test_fairness_detector_knows_its_tokens():
+    """With ``token_embedding`` (fairness) the same attention on another token scores differently,
+    the embedding survives the manifest round trip, and the hot path folds it in."""
+    torch.manual_seed(0)
+    det = Detector(2, 9, token_embedding=True)
+    torch.nn.init.normal_(det.token_emb)
+    x = torch.full((1, 9, 9), 1 / 9)  # uniform map: every column looks the same
+    logits = det(x, 0)
+    assert logits.std() > 0.01
+    again = Detector.from_config(det.config(), det.state_dict())
+    assert again.token_embedding and torch.equal(again(x, 0), logits)
+    det.prepare()
+    assert torch.allclose(det.logits_from_heads(x[:, None], 0), logits, atol=1e-5)
+    # position-free (backdoor) Detectors keep the term at zero: it is not trained
+    assert not Detector(2, 9).token_emb.requires_grad
 
 
 def test_benign_columns_are_the_clean_mean():

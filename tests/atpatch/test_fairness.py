@@ -38,8 +38,9 @@ def test_build_records_the_protected_tokens_and_the_masked_choice(fair):
 def test_masked_protected_token_makes_the_answer_independent_of_it(fair):
     """Where the Detector flags the protected token at every layer, for a row and for its twin with
     the attribute changed, the masked patch gives both the same answer (the token's value cannot
-    reach [CLS]); and unfairness falls. UF <= 0.2 % (the issue's target) needs the Detector to
-    flag every such row, which it does not yet (bench/results/atpatch_tabular.md)."""
+    reach [CLS]); and unfairness falls to the issue's target, UF <= 0.2 %. The Detector has a
+    token embedding for fairness (the protected token draws no excess attention), so it flags the
+    protected tokens on every row: the accuracy cost is measured in bench/results/atpatch_tabular.md."""
     version, model, atp, data = fair
     x = data.x_test[:1000]
     meta = version.manifest["atpatch"]
@@ -49,7 +50,7 @@ def test_masked_protected_token_makes_the_answer_independent_of_it(fair):
         net = PatchedModel(atp)
         before = unfairness(model, x, p["column"], p["values"])
         after = unfairness(net, x, p["column"], p["values"])
-        assert after < before, (name, before, after)
+        assert after < before and after <= 0.002, (name, before, after)
         on = atp(x)
         for value in p["values"]:
             twin = x.clone()

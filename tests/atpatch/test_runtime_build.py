@@ -29,7 +29,7 @@ def test_build_writes_a_child_version_with_detector_and_benign(digits_patched, d
     assert v.parent == Bundle(digits_vit_badnets).current_id()
     assert v.has("detector") and v.has("benign")
     meta = v.manifest["atpatch"]
-    assert meta["threshold"] == 0.3 and meta["seq_len"] == 17
+    assert meta["threshold"] == 0.1 and meta["seq_len"] == 17
     assert meta["inversion"]["target"] == 0  # Neural Cleanse found the real target
     assert set(meta["variant_selection"]) >= {"replace", "masked", "chosen"}
     assert meta["variants"]["backdoor"] in ("replace", "masked")
