@@ -5,7 +5,7 @@ map's *column profile*: for every column, four statistics over the query rows (m
 ``a·N``, the attention relative to uniform, and of ``log(a / Q)``, relative to what clean inputs pay
 that column, Eq. 10), and the same four minus their median over the map's columns, which tells a
 column how it stands against the rest of *this* map. A 1x1 convolution and a per-column MLP give
-one logit per column.
+one logit per column; every weight enters as ``|w|``.
 
 Why profiles, not a 2-D CNN over the full ``Nq x N`` map: the first version ran a 2-D CNN (3x3,
 16 channels) and then pooled over rows. On the digits ViT it cost +60 % (batch 1) and +111 %
@@ -17,12 +17,18 @@ debugging set (held out 20 %, τ = 0.1, one run each), the two detected about eq
 Why no neighbouring columns: the second version ran a kernel-3 convolution along the columns.
 The inverted trigger the Detector trains on often sits on another token than the real one (digits:
 token 12, the real trigger token 16 at the edge next to the zero padding; Fashion-MNIST: token 1),
-and a kernel over neighbours learns that token's surroundings. Over three build seeds on the digits
-ViT it left ASR at 0.6 / 0 / 18.8 %; the median-relative profile without neighbours gives 0 / 0 / 0 %
-at −0 to −0.3 pt accuracy (Fashion-MNIST BadNets 0.94 → 0.22, Trojan 0.11 → 0.08), at the price
-of more flagged clean maps (digits strict FPR 0.15-0.24, was 0.10-0.12). Without the
-median-relative half the Detector only sees absolute levels and flagged 16-31 % of clean maps,
-costing up to 2.2 pt. See ``bench/results/atpatch_*.md`` for the current numbers.
+and a kernel over neighbours learns that token's surroundings: over three build seeds on the
+digits ViT it left ASR at 0.6 / 0 / 18.8 %, and Fashion-MNIST BadNets at 0.94. Without neighbours
+and without the median-relative half, the Detector saw only absolute levels and flagged 16-31 % of
+clean digits maps, costing up to 2.2 pt.
+
+Why ``|w|``: the logit then never falls when a column's features rise, so a column that draws more
+attention (against clean inputs, against the rest of its map) is never judged less anomalous. The
+inverted trigger sets how strong the training positives are, and the real trigger may be stronger
+or weaker. With signed weights the Detector learned the inverted trigger's strength as a band: on a
+second digits ViT (zoo seed 1) the inverted trigger drew 18-21x in layer 1 and the real one 10x,
+with a clearly anomalous profile that still scored far below τ, and ASR stayed 1.0 on all three
+build seeds; with ``|w|`` it is 0.05. Current numbers: ``bench/results/atpatch_*.md``.
 
 One Detector serves every layer: a learned layer embedding is added to the MLP's hidden layer.
 A backdoor Detector has no per-token embedding either, for the same reason: a column is judged by
@@ -30,9 +36,9 @@ its attention, not its position. A fairness Detector has one (``token_embedding`
 attribute is one fixed token of the tabular model and draws no excess attention (the issue's Adult
 measurement: ≈ 1/15 of each row, bias row or not), so its identity is all there is to go by.
 Without it, on Adult the Detector flagged other tokens on every row and masking them cost 12 pt of
-accuracy while race UF rose from 4 % to 19 %. Row statistics accept any number of query rows (the FT-Transformer's last layer
-has one). ``features`` is ``f_θ`` of Eq. 8; ``train_detector`` minimises Eq. 7 (BCE + λ·contrastive)
-with AdamW.
+accuracy while race UF rose from 4 % to 19 %. Row statistics accept any number of query rows (the
+FT-Transformer's last layer has one). ``features`` is ``f_θ`` of Eq. 8; ``train_detector``
+minimises Eq. 7 (BCE + λ·contrastive) with AdamW.
 
 Hyper-parameters live in the manifest (``config()``), tensors in ``detector.safetensors``.
 """
@@ -50,7 +56,7 @@ class DetectorError(ValueError):
 
 
 _EPS = 1e-4
-DESIGN = "column-profile-relative"
+DESIGN = "column-profile-monotone"
 _PROFILE = 4  # statistics per column; the features are these and these minus the map's median
 
 
@@ -108,12 +114,16 @@ class Detector(nn.Module):
 
     def features(self, a: torch.Tensor, layer: int) -> torch.Tensor:
         """``f_θ``: head-averaged maps ``(B, Nq, N)`` → ``(B, hidden, N)``."""
-        z = F.relu(self.conv(self.profile(a, layer)))
-        return F.relu(self.mix(z) + self.layer_emb[layer] + self.token_emb)
+        z = F.relu(F.conv1d(self.profile(a, layer), self.conv.weight.abs(), self.conv.bias))
+        return F.relu(F.conv1d(z, self.mix.weight.abs(), self.mix.bias) + self.layer_emb[layer] + self.token_emb)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, hidden, N)`` features → logits ``(B, N)``."""
+        return F.conv1d(features, self.out.weight.abs(), self.out.bias).squeeze(1)
 
     def forward(self, a: torch.Tensor, layer: int) -> torch.Tensor:
         """Eq. 6 before σ: logits ``(B, N)`` of head-averaged maps ``(B, Nq, N)``."""
-        return self.out(self.features(a, layer)).squeeze(1)
+        return self.head(self.features(a, layer))
 
     # -- the hot path ------------------------------------------------------------------------
 
@@ -123,16 +133,16 @@ class Detector(nn.Module):
         (profile, profile − median), ``W·[p; p − m] = (W_p + W_r)·p − W_r·m``: the median is
         subtracted once per map, not once per column."""
         n = self.seq_len
-        w = self.conv.weight.detach()[:, :, 0].clone()             # (C, 8)
+        w = self.conv.weight.detach()[:, :, 0].abs()               # (C, 8)
         w[:, [0, 1, 4, 5]] *= n
         order = [0, 2, 1, 3]  # the hot path's profile order: means of (a, ratio), then maxima
         w_p, w_r = w[:, order], w[:, [4 + i for i in order]]
         self._fast = {"conv_w": (w_p + w_r).t().contiguous(), "median_w": w_r.t().contiguous(),
                       "conv_b": self.conv.bias.detach(),
-                      "mix_w": self.mix.weight.detach()[:, :, 0].t().contiguous(),
+                      "mix_w": self.mix.weight.detach()[:, :, 0].abs().t().contiguous(),
                       "mix_b": [(self.mix.bias + self.layer_emb[l, :, 0] + self.token_emb.t()).detach().contiguous()
                                 for l in range(self.n_layers)],
-                      "out_w": self.out.weight.detach()[0, :, 0], "out_b": self.out.bias.detach()}
+                      "out_w": self.out.weight.detach()[0, :, 0].abs(), "out_b": self.out.bias.detach()}
 
     def logits_from_heads(self, attn: torch.Tensor, layer: int) -> torch.Tensor:
         """Logits ``(B, N)`` from the per-head map ``(B, H, Nq, N)`` (after ``prepare``): the same
@@ -251,7 +261,7 @@ def train_detector(maps: list[torch.Tensor], labels: list[torch.Tensor], partner
                 local[idx] = torch.arange(len(idx))
                 a, y = maps[layer][idx], labels[layer][idx]
                 feats = det.features(a, layer)                       # (b, hidden, N)
-                logits = det.out(feats).squeeze(1)
+                logits = det.head(feats)
                 bce = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pw)
                 n = a.shape[-1]
                 flat_y = y.flatten()

@@ -92,6 +92,24 @@ def test_detector_is_equivariant_to_column_order():
     assert torch.allclose(det.logits_from_heads(maps[:, None, :, perm], 1), base[:, perm], atol=1e-5)
 
 
+def test_more_attention_on_a_column_never_lowers_its_score():
+    """Every weight enters as |w|: moving attention mass onto a column (rows renormalised) raises
+    its profile and its standing against the map's median, so its logit cannot fall. The inverted
+    trigger sets how strong the training positives are; the real trigger may be stronger."""
+    torch.manual_seed(0)
+    det = Detector(1, 9)
+    for p in det.parameters():
+        torch.nn.init.normal_(p)  # weights of both signs
+    det.set_benign([torch.full((9, 9), 1 / 9)])
+    maps = torch.randn(16, 9, 9).softmax(-1)
+    before = det(maps, 0)
+    for boost in (0.5, 2.0, 10.0):
+        more = maps.clone()
+        more[..., 3] *= 1 + boost
+        more = more / more.sum(-1, keepdim=True)
+        assert (det(more, 0)[:, 3] >= before[:, 3] - 1e-5).all()
+
+
 def test_detector_round_trips_through_config():
     det = Detector(3, 17, query_lens=[17, 17, 1])
     again = Detector.from_config(det.config(), det.state_dict())
