@@ -7,9 +7,9 @@ variant is the defect type's (Γ of Eq. 11 for backdoors, the masked Q_k = 0 for
 measured), and the layers the Detector runs on (the shortest prefix that does as well as all of
 them) are chosen on held-out inputs by the defect metric and accuracy; the measurements are
 stored in the manifest, and the Detector's strict metrics are taken on the chosen layers'
-held-out maps. The held-out defect metric and accuracy with and without
-the patch are stored too; where the patch leaves the defect or costs accuracy beyond
-``WARN_DEFECT`` / ``WARN_ACCURACY_DROP`` the manifest and the command line carry a warning.
+held-out maps. The held-out defect metric and accuracy with and without the patch are stored
+too; where the patch leaves the defect or costs accuracy beyond ``WARN_DEFECT`` /
+``WARN_ACCURACY_DROP`` the manifest and the command line carry a warning.
 
 Everything that can be wrong with the input (no attention layers, unknown protected attribute,
 bad τ) raises before anything is written.

@@ -128,10 +128,11 @@ class Detector(nn.Module):
     # -- the hot path ------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Fold what the hot path reuses into plain matrices, channels last: the ×N of the profile
-        into the conv weights, the layer and token embeddings into a ``(N, hidden)`` mix bias per layer. With ``W = [W_p, W_r]`` over
-        (profile, profile − median), ``W·[p; p − m] = (W_p + W_r)·p − W_r·m``: the median is
-        subtracted once per map, not once per column."""
+        """Fold what the hot path reuses into plain matrices, channels last: ``|w|``, the ×N of
+        the profile into the conv weights, the layer and token embeddings into a ``(N, hidden)``
+        mix bias per layer. With ``W = [W_p, W_r]`` over (profile, profile − median),
+        ``W·[p; p − m] = (W_p + W_r)·p − W_r·m``: the median is subtracted once per map, not once
+        per column."""
         n = self.seq_len
         w = self.conv.weight.detach()[:, :, 0].abs()               # (C, 8)
         w[:, [0, 1, 4, 5]] *= n
