@@ -96,7 +96,7 @@ def main():
     m = Bundle(zoo).version().manifest
     lines = [f"# AtPatch on {m['dataset']['name']} {m['architecture']['arch']} {m['defect']['type']}", "",
              f"Command: `{command}` ({args.threads} thread(s)). One build per seed (inversion + debugging "
-             f"set + Detector {args.epochs} epochs + variant and layer choice); the result depends on the "
+             f"set + Detector {args.epochs} epochs + both variants measured + layer choice); the result depends on the "
              "seed (inversion start, split, Detector initialisation), so every build is listed. Detector metrics: strict §4.2.2 on test maps "
              "(triggered inputs on which the backdoor works, with the real trigger's tokens as truth, "
              "and as many clean inputs), on the layers the Detector runs on.", "",

@@ -117,7 +117,7 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
     train_seconds = time.perf_counter() - t0
     measure = _held_out_eval(model, kind, data, extra)
     run = _runner(model, det, benign, threshold, measure)
-    selection = _choose_variant(run, kind)
+    selection = _variant_selection(run, kind)
     if kind == "backdoor":
         layer_selection = _choose_layers(run, selection, det.n_layers, layer_tolerance)
     else:  # a protected token left readable in any layer carries its value to [CLS]
@@ -236,7 +236,7 @@ def _warnings(kind: str, unpatched: dict, patched: dict) -> list[str]:
 VARIANT_BY_KIND = {"backdoor": "replace", "fairness": "masked"}
 
 
-def _choose_variant(run, kind: str) -> dict:
+def _variant_selection(run, kind: str) -> dict:
     """Both variants with the Detector on every layer, measured on held-out inputs; the defect
     type's variant is the one used."""
     variants = {v: run(v, None) for v in VARIANTS}
