@@ -43,12 +43,15 @@ def _atpatch_build(a):
     from offline.atpatch_build import build_detector
 
     protected = [s for s in (a.protected or "").split(",") if s]
-    version = build_detector(a.bundle, protected=protected, epochs=a.epochs, threshold=a.threshold)
+    version = build_detector(a.bundle, protected=protected, epochs=a.epochs, threshold=a.threshold,
+                             calibrate=not a.no_calibration)
     meta = version.manifest.get("atpatch", {})
     for warning in meta.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps({"version": version.id, "detector": meta.get("detector_metrics", {}),
                       "variants": meta.get("variants", {}), "threshold": meta.get("threshold"),
+                      "layer_thresholds": meta.get("layer_thresholds"),
+                      "clean_flag_rate": meta.get("calibration", {}).get("chosen"),
                       "held_out": meta.get("held_out"), "warnings": meta.get("warnings", [])}))
 
 
@@ -117,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protected", help="comma-separated protected attributes (tabular)")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--threshold", type=float, default=0.1, help="τ (Eq. 9)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="keep τ for every layer (backdoor builds otherwise raise it per layer on clean images)")
     p.set_defaults(func=_atpatch_build)
 
     p = sub.add_parser("rectify", help="rank-one rectification from a clean/corrupt pair")

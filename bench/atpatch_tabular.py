@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/atpatch_tabular.py --bundle /work/zoo-runs/adult-ft --protected race,sex,age \
         [--epochs 50] [--rows 2000]
-Appends to bench/results/atpatch_tabular.json and rewrites atpatch_tabular.md.
+Appends to bench/results/atpatch_tabular.json (one entry per bundle and protected set) and
+rewrites atpatch_tabular.md.
 """
 from __future__ import annotations
 
@@ -67,18 +68,19 @@ def main():
                          "patch_rate": round(a(x).patched.float().mean().item(), 4)}
         a.remove()
     command = "python bench/atpatch_tabular.py " + " ".join(sys.argv[1:])
-    entry = {"command": command, "bundle": src.name, "build_seconds": round(build_s, 1),
+    entry = {"command": command, "bundle": src.name, "protected": args.protected, "build_seconds": round(build_s, 1),
              "chosen_variant": meta["variants"], "variant_selection": meta["variant_selection"],
              "layer_selection": meta["layer_selection"],
              "detector_metrics": meta["detector_metrics"], "debugging_set": meta["debugging_set"],
              "results": rows}
     path = OUT / "atpatch_tabular.json"
     all_runs = json.loads(path.read_text()) if path.exists() else []
-    all_runs = [r for r in all_runs if r["bundle"] != src.name] + [entry]
+    # one entry per (model, protected set): a Detector for all attributes at once and one per attribute
+    all_runs = [r for r in all_runs if (r["bundle"], r["protected"]) != (src.name, args.protected)] + [entry]
     path.write_text(json.dumps(all_runs, indent=1))
     lines = ["# AtPatch on tabular zoo models (fairness)", ""]
     for r in all_runs:
-        lines += [f"## {r['bundle']}", "", f"Command: `{r['command']}`; build {r['build_seconds']} s; "
+        lines += [f"## {r['bundle']}, protected: {r['protected']}", "", f"Command: `{r['command']}`; build {r['build_seconds']} s; "
                   f"chosen variant {r['chosen_variant']}", "", "| | accuracy | UF | patch rate |", "|---|---|---|---|"]
         for k, res in r["results"].items():
             lines.append(f"| {k} | {res['accuracy']} | {res['uf']} | {res.get('patch_rate', '')} |")

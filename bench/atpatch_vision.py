@@ -65,7 +65,8 @@ def build_and_evaluate(zoo: Path, work: Path, epochs: int, seed: int, heatmaps: 
     on["heatmaps"] = [str(Path(p).relative_to(OUT.parent.parent)) for p in on.get("heatmaps", [])]
     return {"seed": seed, "bundle": str(bundle), "build_seconds": round(build_s, 1), "on": on,
             "atpatch_manifest": {k: version.manifest["atpatch"][k] for k in
-                                 ("threshold", "variants", "variant_selection", "layers", "layer_selection",
+                                 ("threshold", "layer_thresholds", "calibration", "variants",
+                                  "variant_selection", "layers", "layer_selection",
                                   "detector_metrics", "debugging_set", "inversion", "training")}}
 
 
@@ -99,20 +100,23 @@ def main():
              f"set + Detector {args.epochs} epochs + both variants measured + layer choice); the result depends on the "
              "seed (inversion start, split, Detector initialisation), so every build is listed. Detector metrics: strict §4.2.2 on test maps "
              "(triggered inputs on which the backdoor works, with the real trigger's tokens as truth, "
-             "and as many clean inputs), on the layers the Detector runs on.", "",
+             "and as many clean inputs), on the layers the Detector runs on, at the build's thresholds: "
+             "τ = 0.1, raised per layer where the build's calibration chose a clean-flag rate α "
+             "(column α: the rate, or none; τ per layer in the JSON).", "",
              f"Unpatched: accuracy {off['accuracy']}, ASR {off['asr']}.", "",
-             "| seed | build s | layers | variant | accuracy | ASR | clean patch rate | precision | recall "
+             "| seed | build s | layers | variant | α | accuracy | ASR | clean patch rate | precision | recall "
              "| FPR | FNR | no Detector: acc / ASR | no rescaling: acc / ASR | real trigger's columns: acc / ASR |",
-             "|" + "---|" * 14]
+             "|" + "---|" * 15]
     for b in builds:
         on, d, meta = b["on"], b["on"]["detector"], b["atpatch_manifest"]
         ab = on.get("ablations", {})
         nd, nr, tc = (ab.get(k, {}) for k in ("without_detector", "without_rescaling", "true_columns"))
-        lines.append(f"| {b['seed']} | {b['build_seconds']} | {meta['layers']} | {meta['variants']['backdoor']} | "
+        alpha = meta["calibration"]["chosen"] or "none"
+        lines.append(f"| {b['seed']} | {b['build_seconds']} | {meta['layers']} | {meta['variants']['backdoor']} | {alpha} | "
                      f"{on['accuracy']} | {on['asr']} | {on['patch_rate']['clean']} | {d['precision']} | "
                      f"{d['recall']} | {d['fpr']} | {d['fnr']} | {nd.get('accuracy')} / {nd.get('asr')} | "
                      f"{nr.get('accuracy')} / {nr.get('asr')} | {tc.get('accuracy')} / {tc.get('asr')} |")
-    lines += ["", f"τ and variant sweep, seed {seeds[0]}'s build, on its layers:", "",
+    lines += ["", f"One τ for every layer (no calibration) and variant sweep, seed {seeds[0]}'s build, on its layers:", "",
               "| τ | variant | accuracy | ASR | clean patch rate |", "|---|---|---|---|---|"]
     lines += [f"| {r['threshold']} | {r['variant']} | {r['accuracy']} | {r['asr']} | {r['clean_patch_rate']} |"
               for r in result["sweep"]]

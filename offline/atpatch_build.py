@@ -7,9 +7,11 @@ variant is the defect type's (Γ of Eq. 11 for backdoors, the masked Q_k = 0 for
 measured), and the layers the Detector runs on (the shortest prefix that does as well as all of
 them) are chosen on held-out inputs by the defect metric and accuracy; the measurements are
 stored in the manifest, and the Detector's strict metrics are taken on the chosen layers'
-held-out maps. The held-out defect metric and accuracy with and without the patch are stored
-too; where the patch leaves the defect or costs accuracy beyond ``WARN_DEFECT`` /
-``WARN_ACCURACY_DROP`` the manifest and the command line carry a warning.
+held-out maps. Backdoor builds also calibrate τ per layer on clean images (``_calibrate``): the
+Detector then flags at most a share α of clean maps per layer, where held-out inputs show that
+this does not let the (inverted) trigger through. The held-out defect metric and accuracy with
+and without the patch are stored too; where the patch leaves the defect or costs accuracy beyond
+``WARN_DEFECT`` / ``WARN_ACCURACY_DROP`` the manifest and the command line carry a warning.
 
 Everything that can be wrong with the input (no attention layers, unknown protected attribute,
 bad τ) raises before anything is written.
@@ -25,11 +27,11 @@ from offline.datasets import ImageData, TabularData, load_dataset
 from repair.atpatch import benign as benign_io
 from repair.atpatch.benign import benign_columns
 from repair.atpatch.debugging_set import DebugSet, Protected, backdoor_set, fairness_set
-from repair.atpatch.detector import detect_maps, logit_threshold, strict_metrics, train_detector
+from repair.atpatch.detector import detect_maps, logit_threshold, probability, strict_metrics, train_detector
 from repair.atpatch.redistribution import VARIANTS
 from repair.atpatch.runtime import AtPatch, PatchedModel
 from repair.atpatch.trigger_inversion import invert_all
-from repair.attention import AttentionAccess
+from repair.attention import AttentionAccess, attention_maps
 from repair.bundle import Bundle
 
 # Manifest keys a new version does not inherit from its parent.
@@ -77,9 +79,10 @@ def _protected(data: TabularData, model, names: list[str]) -> list[Protected]:
 
 def build_detector(bundle: str | Path, protected: list[str] | None = None, epochs: int = 50,
                    threshold: float = 0.1, *, inversion_steps: int = 100, n_clean: int = 600,
-                   max_rows: int = 4000, layer_tolerance: float = 0.005,
+                   max_rows: int = 4000, layer_tolerance: float = 0.005, calibrate: bool = True,
                    seed: int = 0, progress: bool = True, activate: bool = True):
-    """Train the Detector and Q for the bundle's current version; write and return a new version."""
+    """Train the Detector and Q for the bundle's current version; write and return a new version.
+    ``calibrate=False``: the paper's one τ for every layer (backdoor builds calibrate by default)."""
     started = time.perf_counter()
     logit_threshold(threshold)  # validates τ
     if epochs < 1:
@@ -94,6 +97,7 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
         if protected:
             raise BuildError("--protected is for tabular data; this bundle is a vision model")
         debug, extra = _vision_set(model, data, version, inversion_steps, n_clean, seed, progress)
+        calibration_images = data.x_train[extra["_select"][:CALIBRATION_IMAGES]]
         kind = "backdoor"
     else:
         if not protected:
@@ -118,19 +122,36 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
     measure = _held_out_eval(model, kind, data, extra)
     run = _runner(model, det, benign, threshold, measure)
     selection = _variant_selection(run, kind)
+    variant, best = selection["chosen"], selection[selection["chosen"]]
+    thresholds = [threshold] * det.n_layers
     if kind == "backdoor":
-        layer_selection = _choose_layers(run, selection, det.n_layers, layer_tolerance)
+        if not calibrate:
+            calibration = {"chosen": None, "reason": "not asked for"}
+        elif len(calibration_images) < MIN_CALIBRATION_IMAGES:
+            calibration = {"chosen": None, "reason": f"only {len(calibration_images)} clean images "
+                                                     f"left for it (fewer than {MIN_CALIBRATION_IMAGES})"}
+        else:
+            calibration = _calibrate(lambda taus: _runner(model, det, benign, taus, measure), det,
+                                     attention_maps(model, calibration_images), threshold, variant,
+                                     best, layer_tolerance)
+        if calibration["chosen"] is not None:
+            thresholds, best = calibration["layer_thresholds"], calibration["measured"]
+            run = _runner(model, det, benign, thresholds, measure)
+        layer_selection = _choose_layers(run, variant, best, det.n_layers, layer_tolerance)
     else:  # a protected token left readable in any layer carries its value to [CLS]
+        calibration = {"chosen": None, "reason": "fairness: the protected tokens are flagged on every row"}
         layer_selection = {"chosen": list(range(det.n_layers)), "reason": "fairness masks every layer",
-                           "measured": selection[selection["chosen"]]}
+                           "measured": best}
     layers = layer_selection["chosen"]
-    held_out = {"unpatched": run(selection["chosen"], layers, "off"),
+    held_out = {"unpatched": run(variant, layers, "off"),
                 "patched": layer_selection["measured"], "measured_on": _MEASURED_ON}
-    flags = detect_maps(det, held.maps, threshold)
+    flags = detect_maps(det, held.maps, thresholds)
     metrics = strict_metrics(torch.cat([flags[l] for l in layers]), torch.cat([held.labels[l] for l in layers]))
     manifest = {k: v for k, v in version.manifest.items() if k not in _OWN_KEYS}
     manifest["atpatch"] = {
         "threshold": threshold,
+        "layer_thresholds": thresholds,
+        "calibration": calibration,
         "defect_kind": kind,
         "variants": {kind: selection["chosen"]},
         "variant_selection": selection,
@@ -244,17 +265,66 @@ def _variant_selection(run, kind: str) -> dict:
             "measured_on": _MEASURED_ON, **variants}
 
 
-def _choose_layers(run, selection: dict, n_layers: int, tolerance: float) -> dict:
+# Clean-flag rates α tried by ``_calibrate``, largest first, and how many clean images it reads
+# (training images used neither for the inversion nor for the pairs; with fewer it is skipped).
+CLEAN_FLAG_RATES = (0.1, 0.05, 0.02)
+CALIBRATION_IMAGES = 1000
+MIN_CALIBRATION_IMAGES = 100
+
+
+@torch.no_grad()
+def _calibrate(runner_at, det, clean_maps: list[torch.Tensor], threshold: float, variant: str,
+               base: dict, tolerance: float) -> dict:
+    """Per-layer τ: at layer ``l`` the larger of τ and the ``1 − α`` quantile of the highest column
+    score of clean maps, so at most a share α of clean maps gets a flag there. The smallest α of
+    ``CLEAN_FLAG_RATES`` is chosen whose held-out accuracy stays within ``tolerance`` of τ's
+    (``base``) and whose held-out ASR stays within ``tolerance`` of τ's or below the level at which
+    the build warns that the Detector misses the trigger (``WARN_DEFECT``); none, if even the
+    largest α lets the trigger through, or if τ itself leaves held-out ASR above that level: then
+    the inverted trigger cannot show what a higher τ costs (Fashion-MNIST Hidden: held-out ASR
+    92 % at τ and at every α, while α = 0.02 let the real trigger's test ASR rise from 54 % to 99 %).
+
+    Why: at the paper's single τ = 0.1 the Detector flagged 13-30 % of clean digits images and
+    29-73 % of Fashion-MNIST ones, because the inverted trigger it learns from draws only 1.9-5x
+    the clean attention, about what natural columns draw. Measured on the seed-1 digits build
+    (test set), α = 0.05 flagged 4.7 % of clean images instead of 30 % at the same ASR (0 %); on
+    Fashion-MNIST the real trigger's scores overlap those of clean maps, and α = 0.1 let ASR rise
+    from 0.11 to 0.22 (BadNets) — which the held-out check is there to catch.
+    """
+    out = {"chosen": None, "clean_images": len(clean_maps[0]), "tolerance": tolerance,
+           "measured_on": _MEASURED_ON, "uncalibrated": base, "tried": {}}
+    if base["defect_metric"] > WARN_DEFECT["backdoor"]:
+        return dict(out, reason="τ already leaves the held-out trigger working")
+    top = [torch.cat([det(m[i:i + 1024], l).amax(1) for i in range(0, len(m), 1024)])
+           for l, m in enumerate(clean_maps)]
+    floor = logit_threshold(threshold)
+    tried, chosen = out["tried"], None
+    for rate in CLEAN_FLAG_RATES:
+        taus = [probability(max(floor, float(t.quantile(1 - rate)))) for t in top]
+        measured = runner_at(taus)(variant, None)
+        tried[str(rate)] = {"layer_thresholds": taus, **measured}
+        if (measured["defect_metric"] > max(base["defect_metric"] + tolerance, WARN_DEFECT["backdoor"])
+                or measured["accuracy"] < base["accuracy"] - tolerance):
+            break
+        chosen = rate
+    out["chosen"] = chosen
+    if chosen is not None:
+        pick = tried[str(chosen)]
+        out.update(layer_thresholds=pick["layer_thresholds"],
+                   measured={k: pick[k] for k in ("defect_metric", "accuracy")})
+    return out
+
+
+def _choose_layers(run, variant: str, best: dict, n_layers: int, tolerance: float) -> dict:
     """The shortest prefix ``0..l`` of layers that does as well as all of them on both counts,
     within ``tolerance`` (default 0.5 pt: one or two held-out samples should not decide between
     one layer and all). Patching layer ``l`` changes every later map, so when the first layers
     suffice (a trigger is over-attended early) the others need neither the Detector nor the
     eager attention it reads, which is most of AtPatch's added latency."""
-    best = selection[selection["chosen"]]
     measured = {n_layers: best}
     layers = list(range(n_layers))
     for k in range(1, n_layers):
-        measured[k] = run(selection["chosen"], list(range(k)))
+        measured[k] = run(variant, list(range(k)))
         if (measured[k]["defect_metric"] <= best["defect_metric"] + tolerance
                 and measured[k]["accuracy"] >= best["accuracy"] - tolerance):
             layers = list(range(k))

@@ -177,6 +177,20 @@ def logit_threshold(tau: float) -> float:
     return math.log(tau / (1 - tau))
 
 
+def layer_logit_thresholds(threshold: float | list[float], n_layers: int) -> list[float]:
+    """Eq. 9's τ as one logit per layer: ``threshold`` is one τ for every layer (the paper) or a
+    list with one τ per layer (a calibrated build, ``offline.atpatch_build``)."""
+    taus = [threshold] * n_layers if isinstance(threshold, (int, float)) else list(threshold)
+    if len(taus) != n_layers:
+        raise DetectorError(f"{len(taus)} per-layer thresholds for a model with {n_layers} attention layers")
+    return [logit_threshold(float(t)) for t in taus]
+
+
+def probability(logit: float) -> float:
+    """``σ(z)``, kept below 1 so that it is still a valid τ."""
+    return 1.0 / (1.0 + math.exp(-min(max(logit, -30.0), 30.0)))
+
+
 def contrastive_loss(feats: torch.Tensor, labels: torch.Tensor, pos_index: torch.Tensor,
                      temperature: float = 0.5) -> torch.Tensor:
     """Eq. 8 as an InfoNCE term over columns: ``-log exp(s⁺)/(exp(s⁺) + Σ exp(s⁻))``, s = cosine.
@@ -280,13 +294,14 @@ def train_detector(maps: list[torch.Tensor], labels: list[torch.Tensor], partner
 
 
 @torch.no_grad()
-def detect_maps(det: Detector, maps: list[torch.Tensor], threshold: float,
+def detect_maps(det: Detector, maps: list[torch.Tensor], threshold: float | list[float],
                 batch_size: int = 1024, layers: list[int] | None = None) -> list[torch.Tensor]:
     """Flags ``(M, N)`` for head-averaged maps ``(M, Nq, N)`` (Eq. 9), one entry per layer
-    (``maps[i]`` is layer ``layers[i]``; default: every layer in order)."""
-    z = logit_threshold(threshold)
+    (``maps[i]`` is layer ``layers[i]``; default: every layer in order). ``threshold``: one τ, or
+    one per layer of the model (see :func:`layer_logit_thresholds`)."""
+    z = layer_logit_thresholds(threshold, det.n_layers)
     layers = range(len(maps)) if layers is None else layers
-    return [torch.cat([det(m[i:i + batch_size], l) > z for i in range(0, len(m), batch_size)])
+    return [torch.cat([det(m[i:i + batch_size], l) > z[l] for i in range(0, len(m), batch_size)])
             for l, m in zip(layers, maps)]
 
 

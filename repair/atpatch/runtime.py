@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from repair.atpatch import benign as benign_io
-from repair.atpatch.detector import Detector, DetectorError, logit_threshold
+from repair.atpatch.detector import Detector, DetectorError, layer_logit_thresholds
 from repair.atpatch.redistribution import VARIANTS, redistribute
 from repair.attention import AttentionAccess
 
@@ -37,7 +37,7 @@ class PatchResult:
 
 class AtPatch:
     def __init__(self, model: nn.Module, detector: Detector | None, benign: list[torch.Tensor],
-                 threshold: float = 0.1, variant: str = "replace", layers: list[int] | None = None,
+                 threshold: float | list[float] = 0.1, variant: str = "replace", layers: list[int] | None = None,
                  rescale: bool = True, selector: Selector | None = None):
         if variant not in VARIANTS:
             raise DetectorError(f"unknown redistribution variant {variant!r}; known: {', '.join(VARIANTS)}")
@@ -58,7 +58,8 @@ class AtPatch:
         self.detector = detector.to(device).eval() if detector is not None else None
         if self.detector is not None:
             self.detector.prepare()
-        self._tau_logit = logit_threshold(threshold)
+        # τ per layer: one value (the paper), or the per-layer τ of a calibrated build
+        self._tau_logit = layer_logit_thresholds(threshold, n_layers)
         self.layers = sorted(set(range(n_layers) if layers is None else layers))
         self._benign = [None if variant == "masked" else q.to(device) for q in benign]
         self._on = False
@@ -73,14 +74,17 @@ class AtPatch:
 
     @classmethod
     def from_version(cls, version, model: nn.Module, threshold: float | None = None) -> "AtPatch":
+        """The version's Detector at its own thresholds (the calibrated per-layer τ where the build
+        chose them), or at one ``threshold`` τ for every layer when given."""
         if not cls.available(version):
             raise DetectorError(f"version {version.id} has no AtPatch detector (run `repair-proxy atpatch build`)")
         meta = version.manifest["atpatch"]
         detector = Detector.from_config(meta["detector"], version.tensors("detector"))
         benign = benign_io.from_tensors(version.tensors("benign"), int(meta["detector"]["n_layers"]))
         variant = meta.get("variants", {}).get(meta.get("defect_kind", "backdoor"), "replace")
-        return cls(model, detector, benign, threshold=meta["threshold"] if threshold is None else threshold,
-                   variant=variant, layers=meta.get("layers"))
+        if threshold is None:
+            threshold = meta.get("layer_thresholds") or meta["threshold"]
+        return cls(model, detector, benign, threshold=threshold, variant=variant, layers=meta.get("layers"))
 
     # -- the hot path ------------------------------------------------------------------------
 
@@ -96,8 +100,9 @@ class AtPatch:
         else:
             scores = self.detector.logits_from_heads(attn, layer)
             # one max decides "nothing flagged" for the whole batch (the common, clean case)
-            nothing = cpu and float(scores.max()) <= self._tau_logit
-            flags = None if nothing else scores > self._tau_logit
+            tau = self._tau_logit[layer]
+            nothing = cpu and float(scores.max()) <= tau
+            flags = None if nothing else scores > tau
         if nothing:
             out = None  # Γ skipped, the map kept as it is
         else:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offline.atpatch_build import BuildError, _warnings, build_detector
+from offline.atpatch_build import CLEAN_FLAG_RATES, BuildError, _calibrate, _warnings, build_detector
 from offline.datasets import load_dataset
 from offline.defects import Trigger
-from repair.atpatch.detector import Detector, DetectorError
+from repair.atpatch import benign as benign_io
+from repair.atpatch.detector import Detector, DetectorError, logit_threshold
 from repair.atpatch.runtime import AtPatch
 from repair.attention import NoAttentionError
 from repair.bundle import Bundle, state_dict_for_saving
@@ -44,6 +45,65 @@ def test_build_writes_a_child_version_with_detector_and_benign(digits_patched, d
     held = meta["held_out"]
     assert held["unpatched"]["defect_metric"] > 0.9 and held["patched"]["defect_metric"] <= 0.05
     assert held["patched"] == chosen and meta["warnings"] == []
+    # τ per layer: the paper's τ, raised where the calibration chose a clean-flag rate
+    taus, cal = meta["layer_thresholds"], meta["calibration"]
+    assert len(taus) == 3 and min(taus) >= 0.1 and cal["clean_images"] >= 100
+    assert taus == (cal["layer_thresholds"] if cal["chosen"] is not None else [0.1] * 3)
+
+
+class _ScoresAreTheMaps:
+    """A stand-in Detector whose column logits are the maps' single row."""
+
+    def __call__(self, maps, layer):
+        return maps[:, 0, :]
+
+
+def test_calibration_takes_the_smallest_clean_flag_rate_that_keeps_the_trigger_stopped():
+    g = torch.Generator().manual_seed(0)
+    clean = [torch.randn(1000, 1, 5, generator=g) * s for s in (1.0, 3.0)]  # logits of clean maps
+    base = {"defect_metric": 0.0, "accuracy": 0.97}
+    tried = []
+
+    def runner_at(taus):
+        tried.append(taus)
+        # the trigger gets through once layer 0's τ is above σ(2.5)
+        return lambda variant, layers: {"defect_metric": 0.2 if taus[0] > 0.924 else 0.0, "accuracy": 0.97}
+
+    out = _calibrate(runner_at, _ScoresAreTheMaps(), clean, 0.1, "replace", base, 0.005)
+    assert len(tried) >= 2 and out["chosen"] in CLEAN_FLAG_RATES
+    taus = out["layer_thresholds"]
+    assert taus[0] <= 0.924 and min(taus) >= 0.1
+    for maps, tau in zip(clean, taus):  # at most a share α of clean maps has a column above τ
+        flagged = (maps[:, 0, :].amax(1) > logit_threshold(tau)).float().mean().item()
+        assert flagged <= out["chosen"] + 1e-3
+    # the next smaller rate was tried and let the trigger through; a rate that fails first keeps τ
+    smaller = [r for r in CLEAN_FLAG_RATES if r < out["chosen"]]
+    assert not smaller or out["tried"][str(smaller[0])]["defect_metric"] == 0.2
+    never = _calibrate(lambda taus: lambda v, l: {"defect_metric": 0.3, "accuracy": 0.97},
+                       _ScoresAreTheMaps(), clean, 0.1, "replace", base, 0.005)
+    assert never["chosen"] is None and "layer_thresholds" not in never
+    # τ that already lets the held-out trigger through: nothing to compare a higher τ against
+    tried.clear()
+    blind = _calibrate(runner_at, _ScoresAreTheMaps(), clean, 0.1, "replace",
+                       {"defect_metric": 0.9, "accuracy": 0.97}, 0.005)
+    assert blind["chosen"] is None and tried == [] and "held-out" in blind["reason"]
+
+
+def test_per_layer_thresholds_decide_per_layer(patched):
+    version, model, atp = patched
+    assert atp.threshold == version.manifest["atpatch"]["layer_thresholds"]
+    benign = benign_io.from_tensors(version.tensors("benign"), 3)
+    x = load_dataset("digits").x_test[:32]
+    only_middle = AtPatch(model, atp.detector, benign, threshold=[1 - 1e-9, 1e-9, 1 - 1e-9],
+                          layers=[0, 1, 2])
+    try:
+        flagged = only_middle(x).flagged
+    finally:
+        only_middle.remove()
+        atp.access.install(atp._hook, atp.layers)
+    assert flagged[:, 1].all() and not flagged[:, [0, 2]].any()
+    with pytest.raises(DetectorError, match="per-layer thresholds"):
+        AtPatch(model, atp.detector, benign, threshold=[0.1, 0.1], layers=[0])
 
 
 def test_build_warns_when_the_patch_misses_the_defect_or_costs_accuracy():
