@@ -44,13 +44,13 @@ def _atpatch_build(a):
 
     protected = [s for s in (a.protected or "").split(",") if s]
     version = build_detector(a.bundle, protected=protected, epochs=a.epochs, threshold=a.threshold,
-                             calibrate=not a.no_calibration)
+                             calibrate=not a.no_calibration, target_gate=a.target_gate)
     meta = version.manifest.get("atpatch", {})
     for warning in meta.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps({"version": version.id, "detector": meta.get("detector_metrics", {}),
                       "variants": meta.get("variants", {}), "threshold": meta.get("threshold"),
-                      "layer_thresholds": meta.get("layer_thresholds"),
+                      "layer_thresholds": meta.get("layer_thresholds"), "row_gate": meta.get("row_gate"),
                       "clean_flag_rate": meta.get("calibration", {}).get("chosen"),
                       "held_out": meta.get("held_out"), "warnings": meta.get("warnings", [])}))
 
@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.1, help="τ (Eq. 9)")
     p.add_argument("--no-calibration", action="store_true",
                    help="keep τ for every layer (backdoor builds otherwise raise it per layer on clean images)")
+    p.add_argument("--target-gate", action="store_true",
+                   help="backdoor: patch only requests the bare model answers with the target class (a false "
+                        "flag then costs no accuracy; an attacked request costs two forward passes)")
     p.set_defaults(func=_atpatch_build)
 
     p = sub.add_parser("rectify", help="rank-one rectification from a clean/corrupt pair")

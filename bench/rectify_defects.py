@@ -1,4 +1,5 @@
-"""Spurious correlation (paper Table 4) and feature leakage (Table 5) on the digits ViT.
+"""Spurious correlation (paper Table 4) and feature leakage (Table 5) on the digits ViT (or, with
+``--arch resnet18``, ResNet-18; results in ``rectify_defects_resnet18.*``).
 
 Spurious (zoo ``--defect spurious``: a white square on ``--spurious-rate`` of class
 ``--spurious-class``'s training images, labels kept). The zoo's default (50 % of class 0) is not
@@ -17,7 +18,7 @@ other): pairs are a training image as served (corrupt) and the same with the nul
 steps, true label) that falls on the null-block half, mean over 120 test images (the paper's
 Table 5 quantity: attribution on the uninformative block).
 
-    .venv/bin/python bench/rectify_defects.py
+    .venv/bin/python bench/rectify_defects.py [--arch resnet18] [--skip spurious]
 """
 from __future__ import annotations
 
@@ -45,10 +46,10 @@ from repair.metrics import accuracy, attack_success_rate  # noqa: E402
 CACHE = Path("/tmp/rect-bench")
 
 
-def _bundle(defect: str, name: str | None = None, target_class: int = 0, **kw) -> Bundle:
-    out = CACHE / (name or f"digits-vit-{defect}")
+def _bundle(arch: str, defect: str, name: str | None = None, target_class: int = 0, **kw) -> Bundle:
+    out = CACHE / f"digits-{arch}-{name or defect}"
     if not (out / "CURRENT").exists():
-        train_bundle(out, dataset="digits", arch="vit", defect=defect, target_class=target_class,
+        train_bundle(out, dataset="digits", arch=arch, defect=defect, target_class=target_class,
                      seed=0, progress=False, **kw)
     return Bundle(out)
 
@@ -76,8 +77,8 @@ def _methods(model, layers, stats, clean, corrupt, labels, val_x, val_y, weights
         yield method, info
 
 
-def spurious(rows, cls: int, rate: float):
-    version = _bundle("spurious", f"digits-vit-spurious-{cls}-{rate}", target_class=cls,
+def spurious(rows, arch: str, cls: int, rate: float):
+    version = _bundle(arch, "spurious", f"spurious-{cls}-{rate}", target_class=cls,
                       poison_rate=rate).version()
     model, layers, stats, x_train, y_train, weights = _prepare(version)
     square = Trigger.from_tensors(version.tensors("defect"))
@@ -118,8 +119,8 @@ def leakage_measure(model, x, y, half: torch.Tensor) -> float:
     return float((null / (top + bottom).clamp_min(1e-12)).mean())
 
 
-def leakage(rows):
-    version = _bundle("leakage").version()
+def leakage(rows, arch: str):
+    version = _bundle(arch, "leakage").version()
     model, layers, stats, x_train, y_train, weights = _prepare(version)
     x_test, y_test = bundle_test_data(version)
     block_top = ~version.tensors("defect")["test_object_top"][: len(x_test)].bool()
@@ -157,41 +158,45 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--spurious-class", type=int, default=8)
     ap.add_argument("--spurious-rate", type=float, default=0.7)
+    ap.add_argument("--arch", choices=("vit", "resnet18"), default="vit")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip", choices=("spurious", "leakage"), action="append", default=[])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rows = []
     if "spurious" not in a.skip:
-        spurious(rows, a.spurious_class, a.spurious_rate)
+        spurious(rows, a.arch, a.spurious_class, a.spurious_rate)
     if "leakage" not in a.skip:
-        leakage(rows)
+        leakage(rows, a.arch)
     command = " ".join(["python", "bench/rectify_defects.py", *sys.argv[1:]])
-    md = ["# Spurious correlation and feature leakage, digits ViT", "", f"Command: `{command}` "
-          "(1 CPU thread). Budget ε = 0.5 pt on the validation split for every method.", "",
-          f"## Spurious correlation (class {a.spurious_class}, white square on "
-          f"{a.spurious_rate:.0%} of its training images)", "",
-          "Gap shrink = 1 − |gap| / |gap of the unrectified model| (target ≥ 70 %; an "
-          "overshoot below the clean accuracy counts against it).", "",
-          f"| n | method | OA | clean | spurious | gap (spurious − clean) | gap shrink | "
-          f"pattern → class {a.spurious_class} |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    arch_name = {"vit": "ViT", "resnet18": "ResNet-18"}[a.arch]
+    md = [f"# Spurious correlation and feature leakage, digits {arch_name}", "", f"Command: `{command}` "
+          f"({a.threads} CPU thread(s)). Budget ε = 0.5 pt on the validation split for every method."]
     spur = [r for r in rows if r["defect"] == "spurious"]
-    base_gap = next((r["gap"] for r in spur if r["method"] == "base"), None)
-    for r in spur:
-        r["gap_shrink"] = 1 - abs(r["gap"]) / abs(base_gap) if base_gap else None
-    md += [f"| {r['n']} | {r['method']} | {r['oa']:.4f} | {r['clean']:.4f} | {r['spurious']:.4f} | "
-           f"{r['gap']:+.4f} | {r['gap_shrink']:.0%} | {r['spurious_rate']:.4f} |" for r in spur]
-    md += ["", "## Feature leakage (BlockDigits)", "", "| n | method | OA | leakage |",
-           "| --- | --- | --- | --- |"]
-    md += [f"| {r['n']} | {r['method']} | {r['oa']:.4f} | {r['leakage']:.4f} |"
-           for r in rows if r["defect"] == "leakage"]
+    if spur:
+        md += ["", f"## Spurious correlation (class {a.spurious_class}, white square on "
+               f"{a.spurious_rate:.0%} of its training images)", "",
+               "Gap shrink = 1 − |gap| / |gap of the unrectified model| (target ≥ 70 %; an "
+               "overshoot below the clean accuracy counts against it).", "",
+               f"| n | method | OA | clean | spurious | gap (spurious − clean) | gap shrink | "
+               f"pattern → class {a.spurious_class} |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        base_gap = next((r["gap"] for r in spur if r["method"] == "base"), None)
+        for r in spur:
+            r["gap_shrink"] = 1 - abs(r["gap"]) / abs(base_gap) if base_gap else None
+        md += [f"| {r['n']} | {r['method']} | {r['oa']:.4f} | {r['clean']:.4f} | {r['spurious']:.4f} | "
+               f"{r['gap']:+.4f} | {r['gap_shrink']:.0%} | {r['spurious_rate']:.4f} |" for r in spur]
+    leak = [r for r in rows if r["defect"] == "leakage"]
+    if leak:
+        md += ["", "## Feature leakage (BlockDigits)", "", "| n | method | OA | leakage |",
+               "| --- | --- | --- | --- |"]
+        md += [f"| {r['n']} | {r['method']} | {r['oa']:.4f} | {r['leakage']:.4f} |" for r in leak]
     md += ["", "Rounds of the rectifying runs (layer, kept, validation accuracy drop):", ""]
     md += [f"- {r['defect']} n={r['n']} {r['method']}: "
            + ", ".join(f"{x['layer']} {'kept' if x['kept'] else 'rolled back'} "
                        f"{100 * x['accuracy_drop']:.1f} pt" for x in r["rounds"])
            for r in rows if r.get("rounds")]
-    write_results("rectify_defects", {"command": command, "rows": rows}, "\n".join(md) + "\n")
+    write_results("rectify_defects" + ("" if a.arch == "vit" else f"_{a.arch}"), {"command": command, "rows": rows}, "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ Detector then flags at most a share α of clean maps per layer, where held-out i
 this does not let the (inverted) trigger through. The held-out defect metric and accuracy with
 and without the patch are stored too; where the patch leaves the defect or costs accuracy beyond
 ``WARN_DEFECT`` / ``WARN_ACCURACY_DROP`` the manifest and the command line carry a warning.
+Fairness builds gate rows (``row_gate``): only rows whose answer depends on the protected values
+are patched (``CounterfactualGate``). Backdoor builds do with ``target_gate=True``
+(``--target-gate``): only rows the bare model answers with the inverted target
+(``TargetClassGate``). The held-out numbers without the gate are stored beside.
 
 Everything that can be wrong with the input (no attention layers, unknown protected attribute,
 bad τ) raises before anything is written.
@@ -29,7 +33,7 @@ from repair.atpatch.benign import benign_columns
 from repair.atpatch.debugging_set import DebugSet, Protected, backdoor_set, fairness_set
 from repair.atpatch.detector import detect_maps, logit_threshold, probability, strict_metrics, train_detector
 from repair.atpatch.redistribution import VARIANTS
-from repair.atpatch.runtime import AtPatch, PatchedModel
+from repair.atpatch.runtime import AtPatch, CounterfactualGate, PatchedModel, RowGate, TargetClassGate
 from repair.atpatch.trigger_inversion import invert_all
 from repair.attention import AttentionAccess, attention_maps
 from repair.bundle import Bundle
@@ -55,7 +59,7 @@ def _subset(ds: DebugSet, pair_idx: torch.Tensor) -> DebugSet:
     k = len(pair_idx)
     partner = torch.cat([torch.arange(k) + k, torch.arange(k)])
     return DebugSet([m[idx] for m in ds.maps], [y[idx] for y in ds.labels], partner,
-                    ds.clean[idx], ds.info)
+                    ds.clean[idx], ds.info, ds.rows[idx] if ds.rows is not None else None)
 
 
 def _protected(data: TabularData, model, names: list[str]) -> list[Protected]:
@@ -80,9 +84,10 @@ def _protected(data: TabularData, model, names: list[str]) -> list[Protected]:
 def build_detector(bundle: str | Path, protected: list[str] | None = None, epochs: int = 50,
                    threshold: float = 0.1, *, inversion_steps: int = 100, n_clean: int = 600,
                    max_rows: int = 4000, layer_tolerance: float = 0.005, calibrate: bool = True,
-                   seed: int = 0, progress: bool = True, activate: bool = True):
+                   target_gate: bool = False, seed: int = 0, progress: bool = True, activate: bool = True):
     """Train the Detector and Q for the bundle's current version; write and return a new version.
-    ``calibrate=False``: the paper's one τ for every layer (backdoor builds calibrate by default)."""
+    ``calibrate=False``: the paper's one τ for every layer (backdoor builds calibrate by default).
+    ``target_gate``: serve the patch only to rows answered with the target (``TargetClassGate``)."""
     started = time.perf_counter()
     logit_threshold(threshold)  # validates τ
     if epochs < 1:
@@ -93,9 +98,11 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
     access = AttentionAccess.for_model(model)  # NoAttentionError (a ValueError) for e.g. resnet18
     data = load_dataset(version.manifest["dataset"]["name"])
     protected = list(protected or [])
+    if isinstance(data, ImageData) and protected:
+        raise BuildError("--protected is for tabular data; this bundle is a vision model")
+    if not isinstance(data, ImageData) and target_gate:
+        raise BuildError("--target-gate is for backdoor (vision) builds; fairness builds always gate rows")
     if isinstance(data, ImageData):
-        if protected:
-            raise BuildError("--protected is for tabular data; this bundle is a vision model")
         debug, extra = _vision_set(model, data, version, inversion_steps, n_clean, seed, progress)
         calibration_images = data.x_train[extra["_select"][:CALIBRATION_IMAGES]]
         kind = "backdoor"
@@ -111,6 +118,9 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
         kind = "fairness"
 
     n_pairs = int(debug.clean.sum())
+    if n_pairs < MIN_PAIRS:
+        raise BuildError(f"only {n_pairs} debugging pairs (fewer than {MIN_PAIRS}): too few to train the Detector "
+                         "and hold some out; give the build more clean data")
     train_idx, held_idx = _split(n_pairs, 0.2, seed)
     train, held = _subset(debug, train_idx), _subset(debug, held_idx)
     benign = benign_columns(train.clean_maps())
@@ -120,9 +130,13 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
                                   seed=seed, progress=progress, token_embedding=kind == "fairness")
     train_seconds = time.perf_counter() - t0
     measure = _held_out_eval(model, kind, data, extra)
-    run = _runner(model, det, benign, threshold, measure)
-    selection = _variant_selection(run, kind)
-    variant, best = selection["chosen"], selection[selection["chosen"]]
+    gate = (CounterfactualGate.from_protected(extra["protected"]) if kind == "fairness"
+            else TargetClassGate(extra["inversion"]["target"]) if target_gate else None)
+    # the variants compared as the Detector would apply them to every row; then the served patch
+    run = _runner(model, det, benign, threshold, measure, gate)
+    selection = _variant_selection(_runner(model, det, benign, threshold, measure), kind)
+    variant = selection["chosen"]
+    best = selection[variant] if gate is None else run(variant, None)
     thresholds = [threshold] * det.n_layers
     if kind == "backdoor":
         if not calibrate:
@@ -131,12 +145,12 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
             calibration = {"chosen": None, "reason": f"only {len(calibration_images)} clean images "
                                                      f"left for it (fewer than {MIN_CALIBRATION_IMAGES})"}
         else:
-            calibration = _calibrate(lambda taus: _runner(model, det, benign, taus, measure), det,
+            calibration = _calibrate(lambda taus: _runner(model, det, benign, taus, measure, gate), det,
                                      attention_maps(model, calibration_images), threshold, variant,
                                      best, layer_tolerance)
         if calibration["chosen"] is not None:
             thresholds, best = calibration["layer_thresholds"], calibration["measured"]
-            run = _runner(model, det, benign, thresholds, measure)
+            run = _runner(model, det, benign, thresholds, measure, gate)
         layer_selection = _choose_layers(run, variant, best, det.n_layers, layer_tolerance)
     else:  # a protected token left readable in any layer carries its value to [CLS]
         calibration = {"chosen": None, "reason": "fairness: the protected tokens are flagged on every row"}
@@ -145,14 +159,21 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
     layers = layer_selection["chosen"]
     held_out = {"unpatched": run(variant, layers, "off"),
                 "patched": layer_selection["measured"], "measured_on": _MEASURED_ON}
+    if gate is not None:  # what the gate saves
+        held_out["patched_without_gate"] = _runner(model, det, benign, thresholds, measure)(variant, layers)
     flags = detect_maps(det, held.maps, thresholds)
-    metrics = strict_metrics(torch.cat([flags[l] for l in layers]), torch.cat([held.labels[l] for l in layers]))
+    truth = torch.cat([held.labels[l] for l in layers])
+    metrics = strict_metrics(torch.cat([flags[l] for l in layers]), truth)
+    if kind == "fairness":  # what is served: the Detector's flags on the rows the gate lets through
+        ungated, dependent = metrics, gate.dependent_rows(model, held.rows)
+        metrics = strict_metrics(torch.cat([flags[l] & dependent[:, None] for l in layers]), truth)
     manifest = {k: v for k, v in version.manifest.items() if k not in _OWN_KEYS}
     manifest["atpatch"] = {
         "threshold": threshold,
         "layer_thresholds": thresholds,
         "calibration": calibration,
         "defect_kind": kind,
+        "row_gate": {CounterfactualGate: "counterfactual", TargetClassGate: "target_class"}.get(type(gate)),
         "variants": {kind: selection["chosen"]},
         "variant_selection": selection,
         "layers": layers,
@@ -161,6 +182,7 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
         "query_lens": access.query_lens,
         "detector": det.config(),
         "detector_metrics": metrics,
+        **({"detector_metrics_ungated": ungated} if kind == "fairness" else {}),
         "held_out": held_out,
         "warnings": _warnings(kind, held_out["unpatched"], held_out["patched"]),
         "debugging_set": debug.info,
@@ -215,11 +237,11 @@ def _held_out_eval(model, kind, data, extra):
 _MEASURED_ON = "held-out inputs (inverted trigger / protected swaps)"
 
 
-def _runner(model, det, benign, threshold, measure):
+def _runner(model, det, benign, threshold, measure, gate: RowGate | None = None):
     """``run(variant, layers, mode="on") -> {defect_metric, accuracy}`` of AtPatch on the held-out
     inputs (``mode="off"``: the unpatched model)."""
     def run(variant, layers, mode="on"):
-        patch = AtPatch(model, det, benign, threshold=threshold, variant=variant, layers=layers)
+        patch = AtPatch(model, det, benign, threshold=threshold, variant=variant, layers=layers, gate=gate)
         try:
             defect, acc = measure(patch, mode)
         finally:
@@ -258,12 +280,15 @@ VARIANT_BY_KIND = {"backdoor": "replace", "fairness": "masked"}
 
 
 def _variant_selection(run, kind: str) -> dict:
-    """Both variants with the Detector on every layer, measured on held-out inputs; the defect
-    type's variant is the one used."""
+    """Both variants with the Detector on every layer and every row (no row gate), measured on
+    held-out inputs; the defect type's variant is the one used."""
     variants = {v: run(v, None) for v in VARIANTS}
     return {"chosen": VARIANT_BY_KIND[kind], "reason": "the defect type's variant (VARIANT_BY_KIND)",
             "measured_on": _MEASURED_ON, **variants}
 
+
+# Fewer debugging pairs leave nothing to hold out (a fifth of them) for the build's measurements.
+MIN_PAIRS = 10
 
 # Clean-flag rates α tried by ``_calibrate``, largest first, and how many clean images it reads
 # (training images used neither for the inversion nor for the pairs; with fewer it is skipped).

@@ -37,6 +37,7 @@ class DebugSet:
     partner: torch.Tensor        # (M,): index of each map's counterpart
     clean: torch.Tensor          # bool (M,): clean side of a pair
     info: dict = field(default_factory=dict)
+    rows: torch.Tensor | None = None  # fairness: the encoded input row of each map (M, F)
 
     def __len__(self) -> int:
         return len(self.partner)
@@ -46,13 +47,13 @@ class DebugSet:
 
 
 def _pair(maps_c: list[torch.Tensor], maps_b: list[torch.Tensor], labels_b: list[torch.Tensor],
-          info: dict) -> DebugSet:
+          info: dict, rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> DebugSet:
     n = len(maps_c[0])
     maps = [torch.cat([c, b]) for c, b in zip(maps_c, maps_b)]
     labels = [torch.cat([torch.zeros_like(y), y]) for y in labels_b]
     partner = torch.cat([torch.arange(n) + n, torch.arange(n)])
     clean = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
-    return DebugSet(maps, labels, partner, clean, info)
+    return DebugSet(maps, labels, partner, clean, info, torch.cat(rows) if rows is not None else None)
 
 
 def patch_tokens(mask: torch.Tensor, patch_size: int, prefix: int = 1, frac: float = 0.5) -> list[int]:
@@ -168,4 +169,4 @@ def fairness_set(model: nn.Module, x: torch.Tensor, attrs: list[Protected],
     info = {"defect_kind": "fairness", "tokens": sorted({a.token for a in attrs}),
             "layers": list(range(len(maps_b))), "pairs": len(x_b),
             "pairs_per_attribute": {a.name: int((tok == a.token).sum()) for a in attrs}}
-    return _pair(maps_c, maps_b, labels, info)
+    return _pair(maps_c, maps_b, labels, info, rows=(x_c, x_b))

@@ -1,13 +1,21 @@
-"""AtPatch at inference (Algorithm 1, online phase, in ONE forward pass): the contract the server uses.
+"""AtPatch at inference (Algorithm 1, online phase: detect and patch in ONE forward pass): the
+contract the server uses.
 
 At layer ``l`` the hook reads the map, the Detector flags columns (Eq. 6, 9), Γ (Eq. 11, or the
 masked variant chosen for the bundle's defect) patches the map in place, and the forward goes
 on, so layer ``l + 1`` already sees the patched state. Decisions are tensor ops: on a GPU nothing
 is read back per layer (``torch.where`` keeps unflagged samples bit-for-bit); on the CPU, where
 reading a flag is not a device sync, layers with nothing flagged skip Γ altogether.
+
+A row gate may restrict the patch to some rows; the others get the bare model's answer bit for
+bit. Fairness builds always gate (``CounterfactualGate``: rows whose answer depends on the
+protected values); backdoor builds may (``TargetClassGate``: rows the bare model assigns to the
+target class; an attacked request then runs a detecting pass before the patched one). Each
+docstring gives its numbers and its cost.
 """
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -35,10 +43,89 @@ class PatchResult:
         return [(int(l), int(t)) for l, t in self.flagged[i].nonzero().tolist()]
 
 
+class CounterfactualGate:
+    """Fairness: the rows worth patching are those whose answer changes when the protected
+    attributes take other values (the enumeration of Eq. 4, run at inference on the bare model,
+    every combination of values in one batch). Every other row is fair already and keeps the bare
+    model's answer bit for bit; a row and its twin with a protected value changed share their
+    combinations, so they are gated alike and unfairness can only fall.
+
+    Why: the Detector cannot tell such rows from attention (the protected token draws no excess
+    attention; it flags the token on every row), and masking it on every row costs accuracy where
+    the answer never depended on it. Measured on the zoo models (2000 test rows, the protected
+    token masked at every layer; UF 0 either way): Adult race/sex/age/all three −0.3/−0.1/+0.4/−0.8
+    pt on every row, −0.1/−0.05/+0.4/+0.05 pt gated; COMPAS sex −1.45 → −0.72 pt, race −0.24 pt
+    and race+sex −0.97 pt either way (bench/results/atpatch_tabular.md). Cost: one bare forward of
+    (K + 1)·B rows per request, K the number of value combinations (60 for Adult's three)."""
+
+    def __init__(self, columns: list[int], values: list[list[float]]):
+        self.columns = list(columns)   # protected columns of the encoded row
+        # (K, P): every combination of their encoded values
+        self.combos = torch.tensor(list(itertools.product(*values)), dtype=torch.float32)
+
+    @classmethod
+    def from_protected(cls, protected: dict) -> "CounterfactualGate":
+        """From a build's ``manifest["atpatch"]["protected"]``: {name: {column, values, ...}}."""
+        return cls([int(p["column"]) for p in protected.values()],
+                   [[float(v) for v in p["values"]] for p in protected.values()])
+
+    @torch.no_grad()
+    def dependent_rows(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """bool (B,): rows whose predicted class is not the same for every combination of values."""
+        combos = self.combos.to(x)
+        variants = x.unsqueeze(0).repeat(len(combos), 1, 1)      # (K, B, F)
+        variants[:, :, self.columns] = combos.unsqueeze(1)
+        preds = model(torch.cat([x, variants.flatten(0, 1)])).argmax(-1)
+        return (preds[len(x):].view(len(combos), len(x)) != preds[:len(x)]).any(0)
+
+    def rows_to_patch(self, patch: "AtPatch", x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.dependent_rows(patch.model, x), None
+
+
+class TargetClassGate:
+    """Backdoor, opt-in (``atpatch build --target-gate``): patch only rows that the Detector flags
+    *and* that the bare model assigns to the target class (the one trigger inversion found). A
+    backdoor only ever turns answers into its target, so the attack success rate is the same as
+    without the gate, while a false flag on any other row costs nothing: that row keeps the bare
+    answer.
+
+    How: a first forward runs the Detector at every layer without patching (the first layer to
+    flag sees the same map as in the patched pass, so a row is flagged here exactly when it would
+    be there) and yields the bare logits; only if some flagged row is answered with the target
+    does a second, patched forward run. A clean request costs what it costs without the gate (or
+    less: Γ never runs for it); an attacked one costs two forward passes. Measured (test sets,
+    seed-0 builds): clean accuracy Fashion-MNIST Trojan −2.1 → −0.36 pt, BadNets −0.41 → +0.02
+    pt, Hidden −0.07 → −0.04 pt, digits −0 → −0 pt, ASR unchanged (``bench/results/atpatch_target_gate.md``)."""
+
+    def __init__(self, target: int):
+        self.target = int(target)
+
+    def rows_to_patch(self, patch: "AtPatch", x: torch.Tensor) -> tuple[torch.Tensor, "PatchResult"]:
+        first = patch._forward(x, detect_only=True)
+        rows = first.patched & (first.logits.argmax(-1) == self.target)
+        nothing = torch.zeros_like(first.flagged)
+        return rows, PatchResult(first.logits, nothing.flatten(1).any(1), nothing)
+
+
+RowGate = CounterfactualGate | TargetClassGate
+
+
+def row_gate(meta: dict) -> RowGate | None:
+    """The gate a build chose (``manifest["atpatch"]["row_gate"]``), or None."""
+    kind = meta.get("row_gate")
+    if kind is None:
+        return None
+    if kind == "counterfactual":
+        return CounterfactualGate.from_protected(meta["protected"])
+    if kind == "target_class":
+        return TargetClassGate(meta["inversion"]["target"])
+    raise DetectorError(f"unknown row gate {kind!r} in the version's manifest; known: counterfactual, target_class")
+
+
 class AtPatch:
     def __init__(self, model: nn.Module, detector: Detector | None, benign: list[torch.Tensor],
                  threshold: float | list[float] = 0.1, variant: str = "replace", layers: list[int] | None = None,
-                 rescale: bool = True, selector: Selector | None = None):
+                 rescale: bool = True, selector: Selector | None = None, gate: RowGate | None = None):
         if variant not in VARIANTS:
             raise DetectorError(f"unknown redistribution variant {variant!r}; known: {', '.join(VARIANTS)}")
         self.access = AttentionAccess.for_model(model)
@@ -52,7 +139,7 @@ class AtPatch:
                                 f"model's maps {[(nq, n) for nq in self.access.query_lens]}")
         device = next(model.parameters()).device
         self.model, self.threshold, self.variant, self.rescale = model, threshold, variant, rescale
-        self.selector = selector
+        self.selector, self.gate = selector, gate
         # (layer, before, after) callback while ``observe`` runs; None in serving.
         self._observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
         self.detector = detector.to(device).eval() if detector is not None else None
@@ -64,6 +151,8 @@ class AtPatch:
         self._benign = [None if variant == "masked" else q.to(device) for q in benign]
         self._on = False
         self._flags: torch.Tensor | None = None  # (B, L, N) of the request in flight
+        self._rows: torch.Tensor | None = None   # (B,) rows the gate lets be patched, or None: all
+        self._detect_only = False                # flag, do not patch (TargetClassGate's first pass)
         self.access.install(self._hook, self.layers)
 
     # -- construction from a bundle version -----------------------------------------------------
@@ -84,7 +173,8 @@ class AtPatch:
         variant = meta.get("variants", {}).get(meta.get("defect_kind", "backdoor"), "replace")
         if threshold is None:
             threshold = meta.get("layer_thresholds") or meta["threshold"]
-        return cls(model, detector, benign, threshold=threshold, variant=variant, layers=meta.get("layers"))
+        return cls(model, detector, benign, threshold=threshold, variant=variant, layers=meta.get("layers"),
+                   gate=row_gate(meta))
 
     # -- the hot path ------------------------------------------------------------------------
 
@@ -103,11 +193,14 @@ class AtPatch:
             tau = self._tau_logit[layer]
             nothing = cpu and float(scores.max()) <= tau
             flags = None if nothing else scores > tau
+        if flags is not None and self._rows is not None:
+            flags = flags & self._rows[:, None]
+            nothing = cpu and not bool(flags.any())
         if nothing:
             out = None  # Γ skipped, the map kept as it is
         else:
             self._flags[:, layer] = flags
-            out = redistribute(attn, flags, self._benign[layer], rescale=self.rescale)
+            out = None if self._detect_only else redistribute(attn, flags, self._benign[layer], rescale=self.rescale)
         if self._observer is not None:
             self._observer(layer, attn, attn if out is None else out)
         return out
@@ -116,23 +209,38 @@ class AtPatch:
     def __call__(self, x: torch.Tensor, mode: str = "on") -> PatchResult:
         if mode not in MODES:
             raise ValueError(f"patch mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "off":
+            return self._forward(x, on=False)
+        if self.gate is None:
+            return self._forward(x)
+        rows, answer = self.gate.rows_to_patch(self, x)
+        # one read per request (GPU too): with no row left to patch, the gate's pass is the answer
+        if not bool(rows.any()):
+            return answer if answer is not None else self._forward(x, on=False)
+        return self._forward(x, rows=rows)
+
+    def _forward(self, x: torch.Tensor, on: bool = True, rows: torch.Tensor | None = None,
+                 detect_only: bool = False) -> PatchResult:
+        """One forward pass with the hooks ``on`` (Detector and Γ, only on ``rows`` when given;
+        ``detect_only``: flags without Γ) or passing every map through."""
         # The hooks write each layer's flags in place: one allocation per request, no per-layer list.
         flagged = torch.zeros(len(x), self.access.n_layers, self.access.seq_len, dtype=torch.bool,
                               device=x.device)
-        self._on, self._flags = mode == "on", flagged
+        self._on, self._flags, self._rows, self._detect_only = on, flagged, rows, detect_only
         try:
             logits = self.model(x)
         finally:
-            self._on, self._flags = False, None
+            self._on, self._flags, self._rows, self._detect_only = False, None, None, False
         return PatchResult(logits, flagged.flatten(1).any(1), flagged)
 
     def observe(self, x: torch.Tensor, fn: Callable[[int, torch.Tensor, torch.Tensor], None]) -> PatchResult:
         """One "on" forward that calls ``fn(layer, before, after)`` at every layer (``before`` is
-        ``after`` where the Detector does not run): offline inspection, such as heatmaps."""
+        ``after`` where the Detector does not run): offline inspection, such as heatmaps. The row
+        gate is left out: this shows what the Detector and Γ do to every input."""
         self._observer = fn
         self.access.install(self._hook)
         try:
-            return self(x, "on")
+            return self._forward(x)
         finally:
             self._observer = None
             self.access.install(self._hook, self.layers)

@@ -3,6 +3,7 @@ the variant it chooses, and unfairness with the patch on."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from offline.datasets import load_dataset
 from repair.atpatch.runtime import AtPatch, PatchedModel
@@ -40,7 +41,8 @@ def test_masked_protected_token_makes_the_answer_independent_of_it(fair):
     the attribute changed, the masked patch gives both the same answer (the token's value cannot
     reach [CLS]); and unfairness falls to the issue's target, UF <= 0.2 %. The Detector has a
     token embedding for fairness (the protected token draws no excess attention), so it flags the
-    protected tokens on every row: the accuracy cost is measured in bench/results/atpatch_tabular.md."""
+    protected tokens wherever it runs; the gate lets it run only on rows whose answer depends on
+    race or sex (the next test). The accuracy cost is measured in bench/results/atpatch_tabular.md."""
     version, model, atp, data = fair
     x = data.x_test[:1000]
     meta = version.manifest["atpatch"]
@@ -61,3 +63,40 @@ def test_masked_protected_token_makes_the_answer_independent_of_it(fair):
             assert bool(same.all()), name
             invariant_pairs += int(both.sum())
     assert invariant_pairs > 100
+
+
+def test_gate_patches_only_rows_the_protected_values_decide(fair):
+    """The build gates rows: a row whose answer is the same for every combination of race and sex
+    keeps the bare model's logits bit for bit; a row whose answer depends on them is patched exactly
+    as without the gate."""
+    version, model, atp, data = fair
+    x = data.x_test[:600]
+    meta = version.manifest["atpatch"]
+    assert meta["row_gate"] == "counterfactual" and atp.gate is not None
+    # which rows depend on the protected values, by explicit enumeration (the definition of UF)
+    base = model(x).argmax(-1)
+    dependent = torch.zeros(len(x), dtype=torch.bool)
+    race, sex = meta["protected"]["race"], meta["protected"]["sex"]
+    for r in race["values"]:
+        for s in sex["values"]:
+            twin = x.clone()
+            twin[:, race["column"]], twin[:, sex["column"]] = r, s
+            dependent |= model(twin).argmax(-1) != base
+    assert torch.equal(atp.gate.dependent_rows(model, x), dependent)
+    assert 0.05 < dependent.float().mean() < 0.6  # the model is unfair on some rows, not all
+
+    gated = atp(x)
+    gate, atp.gate = atp.gate, None
+    try:
+        every_row = atp(x)
+    finally:
+        atp.gate = gate
+    assert torch.equal(gated.patched, dependent & every_row.patched)
+    assert torch.equal(gated.logits[~dependent], model(x)[~dependent])
+    assert torch.allclose(gated.logits[dependent], every_row.logits[dependent], atol=1e-5)
+    # and the build's held-out numbers show what gating saves: no more unfairness, and clean maps
+    # (of rows no protected value decides) no longer flagged
+    held = meta["held_out"]
+    assert held["patched"]["defect_metric"] <= held["patched_without_gate"]["defect_metric"]
+    assert meta["detector_metrics_ungated"]["fpr"] > 0.9
+    assert meta["detector_metrics"]["fpr"] < 0.5

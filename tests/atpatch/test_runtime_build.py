@@ -9,7 +9,7 @@ from offline.datasets import load_dataset
 from offline.defects import Trigger
 from repair.atpatch import benign as benign_io
 from repair.atpatch.detector import Detector, DetectorError, logit_threshold
-from repair.atpatch.runtime import AtPatch
+from repair.atpatch.runtime import AtPatch, CounterfactualGate, TargetClassGate, row_gate
 from repair.attention import NoAttentionError
 from repair.bundle import Bundle, state_dict_for_saving
 from repair.models import build_model
@@ -161,6 +161,42 @@ def test_runtime_contract(patched):
         atp(x, "shadow-typo")
 
 
+def test_target_gate_patches_only_rows_answered_with_the_target(patched):
+    """``--target-gate``: a flagged row the bare model does not answer with the target keeps the
+    bare logits bit for bit (a false flag costs nothing), and the attack is stopped exactly as
+    without the gate (a backdoor only ever turns answers into its target)."""
+    version, model, atp = patched
+    data = load_dataset("digits")
+    target = version.manifest["atpatch"]["inversion"]["target"]
+    assert target == version.manifest["defect"]["target_class"]
+    trigger = Trigger.from_tensors(version.tensors("defect"))
+    x = data.x_test[:600]
+    x_bad = trigger.apply(x[data.y_test[:600] != target])
+    off, every_row, every_row_bad = atp(x, "off"), atp(x), atp(x_bad)
+    atp.gate = TargetClassGate(target)
+    try:
+        gated, gated_bad = atp(x), atp(x_bad)
+    finally:
+        atp.gate = None
+    bare_target = off.logits.argmax(-1) == target
+    assert every_row.patched.any()  # the Detector flags some clean images: the case the gate is for
+    assert torch.equal(gated.patched, every_row.patched & bare_target)
+    assert torch.equal(gated.logits[~gated.patched], off.logits[~gated.patched])
+    assert torch.equal(gated_bad.logits.argmax(-1), every_row_bad.logits.argmax(-1))
+    assert gated_bad.patched.float().mean() > 0.9  # the triggered images are still patched
+
+
+def test_row_gate_comes_from_the_manifest():
+    assert row_gate({}) is None
+    gate = row_gate({"row_gate": "target_class", "inversion": {"target": 3}})
+    assert isinstance(gate, TargetClassGate) and gate.target == 3
+    gate = row_gate({"row_gate": "counterfactual",
+                     "protected": {"sex": {"column": 2, "values": [0.0, 1.0]}, "race": {"column": 5, "values": [0.0, 1.0, 2.0]}}})
+    assert isinstance(gate, CounterfactualGate) and gate.columns == [2, 5] and gate.combos.shape == (6, 2)
+    with pytest.raises(DetectorError, match="unknown row gate"):
+        row_gate({"row_gate": "sometimes"})
+
+
 def test_remove_restores_the_plain_model(digits_patched):
     version = Bundle(digits_patched).version()
     model = version.build_model()
@@ -191,6 +227,28 @@ def test_bundle_without_attention_is_refused_before_writing(tmp_path):
     with pytest.raises(NoAttentionError, match="no attention layers"):
         build_detector(b.root, progress=False)
     assert b.version_ids() == ["v0001"]
+
+
+def test_target_gate_build_is_served_with_its_gate(digits_vit_badnets, copy_bundle):
+    """A small ``--target-gate`` build (few inversion steps and epochs: only the wiring is checked)
+    records the gate, and loading the version installs it with the inverted target."""
+    path = copy_bundle(digits_vit_badnets)
+    v = build_detector(path, epochs=2, n_clean=300, target_gate=True, progress=False)
+    meta = v.manifest["atpatch"]
+    assert meta["row_gate"] == "target_class"
+    assert set(meta["held_out"]) >= {"unpatched", "patched", "patched_without_gate"}
+    atp = AtPatch.from_version(v, v.build_model())
+    try:
+        assert isinstance(atp.gate, TargetClassGate) and atp.gate.target == meta["inversion"]["target"]
+    finally:
+        atp.remove()
+
+
+def test_target_gate_on_tabular_data_is_refused(compas_ft, copy_bundle):
+    path = copy_bundle(compas_ft)
+    with pytest.raises(BuildError, match="target-gate"):
+        build_detector(path, protected=["sex"], target_gate=True, progress=False)
+    assert Bundle(path).version_ids() == ["v0001"]
 
 
 def test_protected_attributes_on_images_are_refused(digits_vit_badnets, copy_bundle):
