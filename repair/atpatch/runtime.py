@@ -219,6 +219,7 @@ class AtPatch:
             return answer if answer is not None else self._forward(x, on=False)
         return self._forward(x, rows=rows)
 
+    @torch.no_grad()
     def _forward(self, x: torch.Tensor, on: bool = True, rows: torch.Tensor | None = None,
                  detect_only: bool = False) -> PatchResult:
         """One forward pass with the hooks ``on`` (Detector and Γ, only on ``rows`` when given;

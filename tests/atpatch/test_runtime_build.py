@@ -197,6 +197,28 @@ def test_row_gate_comes_from_the_manifest():
         row_gate({"row_gate": "sometimes"})
 
 
+def test_heatmaps_show_the_map_before_and_after_the_patch(patched, tmp_path):
+    """``observe`` hands every layer's map before and after Γ to a callback (what the PNG
+    heatmaps of ``evaluate --heatmaps`` draw): on a triggered image the patched layer's map
+    changes and its rows still sum to 1; the PNGs are written."""
+    from offline.evaluate import save_heatmaps
+
+    version, _, atp = patched
+    data = load_dataset("digits")
+    trigger = Trigger.from_tensors(version.tensors("defect"))
+    x_bad = trigger.apply(data.x_test[data.y_test != version.manifest["defect"]["target_class"]][:2])
+    seen = {}
+    result = atp.observe(x_bad, lambda layer, before, after: seen.__setitem__(layer, (before, after)))
+    assert result.patched.all() and set(seen) == {0, 1, 2}
+    layer = int(result.flagged[0].any(-1).nonzero()[0])
+    before, after = seen[layer]
+    assert not torch.equal(before, after)
+    assert torch.allclose(after.sum(-1), torch.ones_like(after.sum(-1)), atol=1e-5)
+    files = save_heatmaps(atp, x_bad, tmp_path, "triggered")
+    assert len(files) == 2
+    assert all(open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for f in files)
+
+
 def test_remove_restores_the_plain_model(digits_patched):
     version = Bundle(digits_patched).version()
     model = version.build_model()
