@@ -173,7 +173,7 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
         "layer_thresholds": thresholds,
         "calibration": calibration,
         "defect_kind": kind,
-        "row_gate": {CounterfactualGate: "counterfactual", TargetClassGate: "target_class"}.get(type(gate)),
+        "row_gate": gate.name if gate is not None else None,
         "variants": {kind: selection["chosen"]},
         "variant_selection": selection,
         "layers": layers,

@@ -7,9 +7,9 @@ on, so layer ``l + 1`` already sees the patched state. Decisions are tensor ops:
 is read back per layer (``torch.where`` keeps unflagged samples bit-for-bit); on the CPU, where
 reading a flag is not a device sync, layers with nothing flagged skip Γ altogether.
 
-A row gate may restrict the patch to some rows; the others get the bare model's answer bit for
-bit. Fairness builds always gate (``CounterfactualGate``: rows whose answer depends on the
-protected values); backdoor builds may (``TargetClassGate``: rows the bare model assigns to the
+A row gate may restrict the patch to some rows; the others get the bare model's answer.
+Fairness builds always gate (``CounterfactualGate``: rows whose answer depends on the protected
+values); backdoor builds may (``TargetClassGate``: rows the bare model assigns to the
 target class; an attacked request then runs a detecting pass before the patched one). Each
 docstring gives its numbers and its cost.
 """
@@ -42,12 +42,19 @@ class PatchResult:
     def columns(self, i: int) -> list[tuple[int, int]]:
         return [(int(l), int(t)) for l, t in self.flagged[i].nonzero().tolist()]
 
+    @classmethod
+    def unpatched(cls, logits: torch.Tensor, n_layers: int, n_tokens: int) -> "PatchResult":
+        """A bare pass's logits as a result with nothing flagged (a row gate's answer)."""
+        flagged = torch.zeros(len(logits), n_layers, n_tokens, dtype=torch.bool, device=logits.device)
+        return cls(logits, flagged.flatten(1).any(1), flagged)
+
 
 class CounterfactualGate:
     """Fairness: the rows worth patching are those whose answer changes when the protected
     attributes take other values (the enumeration of Eq. 4, run at inference on the bare model,
-    every combination of values in one batch). Every other row is fair already and keeps the bare
-    model's answer bit for bit; a row and its twin with a protected value changed share their
+    every combination of values in one batch with the rows themselves). Every other row is fair
+    already and keeps the bare model's answer (from that batch when no row of the request is
+    patched, else from the patched pass, bit for bit); a row and its twin with a protected value changed share their
     combinations, so they are gated alike and unfairness can only fall.
 
     Why: the Detector cannot tell such rows from attention (the protected token draws no excess
@@ -57,6 +64,8 @@ class CounterfactualGate:
     pt on every row, −0.1/−0.05/+0.4/+0.05 pt gated; COMPAS sex −1.45 → −0.72 pt, race −0.24 pt
     and race+sex −0.97 pt either way (bench/results/atpatch_tabular.md). Cost: one bare forward of
     (K + 1)·B rows per request, K the number of value combinations (60 for Adult's three)."""
+
+    name = "counterfactual"   # manifest ``row_gate``
 
     def __init__(self, columns: list[int], values: list[list[float]]):
         self.columns = list(columns)   # protected columns of the encoded row
@@ -70,16 +79,22 @@ class CounterfactualGate:
                    [[float(v) for v in p["values"]] for p in protected.values()])
 
     @torch.no_grad()
-    def dependent_rows(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """bool (B,): rows whose predicted class is not the same for every combination of values."""
+    def _enumerate(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bool (B,): rows whose predicted class is not the same for every combination of values;
+        and the logits of ``x`` itself, from the same batch."""
         combos = self.combos.to(x)
         variants = x.unsqueeze(0).repeat(len(combos), 1, 1)      # (K, B, F)
         variants[:, :, self.columns] = combos.unsqueeze(1)
-        preds = model(torch.cat([x, variants.flatten(0, 1)])).argmax(-1)
-        return (preds[len(x):].view(len(combos), len(x)) != preds[:len(x)]).any(0)
+        logits = model(torch.cat([x, variants.flatten(0, 1)]))
+        preds = logits.argmax(-1)
+        return (preds[len(x):].view(len(combos), len(x)) != preds[:len(x)]).any(0), logits[:len(x)]
 
-    def rows_to_patch(self, patch: "AtPatch", x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.dependent_rows(patch.model, x), None
+    def dependent_rows(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self._enumerate(model, x)[0]
+
+    def rows_to_patch(self, patch: "AtPatch", x: torch.Tensor) -> tuple[torch.Tensor, PatchResult]:
+        rows, logits = self._enumerate(patch.model, x)
+        return rows, PatchResult.unpatched(logits, patch.access.n_layers, patch.access.seq_len)
 
 
 class TargetClassGate:
@@ -97,29 +112,31 @@ class TargetClassGate:
     seed-0 builds): clean accuracy Fashion-MNIST Trojan −2.1 → −0.36 pt, BadNets −0.41 → +0.02
     pt, Hidden −0.07 → −0.04 pt, digits −0 → −0 pt, ASR unchanged (``bench/results/atpatch_target_gate.md``)."""
 
+    name = "target_class"   # manifest ``row_gate``
+
     def __init__(self, target: int):
         self.target = int(target)
 
-    def rows_to_patch(self, patch: "AtPatch", x: torch.Tensor) -> tuple[torch.Tensor, "PatchResult"]:
+    def rows_to_patch(self, patch: "AtPatch", x: torch.Tensor) -> tuple[torch.Tensor, PatchResult]:
         first = patch._forward(x, detect_only=True)
         rows = first.patched & (first.logits.argmax(-1) == self.target)
-        nothing = torch.zeros_like(first.flagged)
-        return rows, PatchResult(first.logits, nothing.flatten(1).any(1), nothing)
+        return rows, PatchResult.unpatched(first.logits, patch.access.n_layers, patch.access.seq_len)
 
 
 RowGate = CounterfactualGate | TargetClassGate
 
 
 def row_gate(meta: dict) -> RowGate | None:
-    """The gate a build chose (``manifest["atpatch"]["row_gate"]``), or None."""
+    """The gate a build chose (``manifest["atpatch"]["row_gate"]``: a gate's ``name``), or None."""
     kind = meta.get("row_gate")
     if kind is None:
         return None
-    if kind == "counterfactual":
+    if kind == CounterfactualGate.name:
         return CounterfactualGate.from_protected(meta["protected"])
-    if kind == "target_class":
+    if kind == TargetClassGate.name:
         return TargetClassGate(meta["inversion"]["target"])
-    raise DetectorError(f"unknown row gate {kind!r} in the version's manifest; known: counterfactual, target_class")
+    raise DetectorError(f"unknown row gate {kind!r} in the version's manifest; "
+                        f"known: {CounterfactualGate.name}, {TargetClassGate.name}")
 
 
 class AtPatch:
@@ -216,7 +233,7 @@ class AtPatch:
         rows, answer = self.gate.rows_to_patch(self, x)
         # one read per request (GPU too): with no row left to patch, the gate's pass is the answer
         if not bool(rows.any()):
-            return answer if answer is not None else self._forward(x, on=False)
+            return answer
         return self._forward(x, rows=rows)
 
     @torch.no_grad()

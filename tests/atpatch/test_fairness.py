@@ -94,6 +94,10 @@ def test_gate_patches_only_rows_the_protected_values_decide(fair):
     assert torch.equal(gated.patched, dependent & every_row.patched)
     assert torch.equal(gated.logits[~dependent], model(x)[~dependent])
     assert torch.allclose(gated.logits[dependent], every_row.logits[dependent], atol=1e-5)
+    # a request with no such row is answered by the gate's own bare pass: nothing patched
+    fair_only = atp(x[~dependent][:32])
+    assert not fair_only.patched.any()
+    assert torch.allclose(fair_only.logits, model(x[~dependent][:32]), atol=1e-5)
     # and the build's held-out numbers show what gating saves: no more unfairness, and clean maps
     # (of rows no protected value decides) no longer flagged
     held = meta["held_out"]
