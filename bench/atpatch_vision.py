@@ -103,17 +103,19 @@ def main():
              "and as many clean inputs), on the layers the Detector runs on, at the build's thresholds: "
              "τ = 0.1, raised per layer where the build's calibration chose a clean-flag rate α "
              "(column α: the rate, or none; τ per layer in the JSON).", "",
-             f"Unpatched: accuracy {off['accuracy']}, ASR {off['asr']}.", "",
-             "| seed | build s | layers | variant | α | accuracy | ASR | clean patch rate | precision | recall "
-             "| FPR | FNR | no Detector: acc / ASR | no rescaling: acc / ASR | real trigger's columns: acc / ASR |",
-             "|" + "---|" * 15]
+             f"Unpatched: accuracy {off['accuracy']}, ASR {off['asr']}; clean images of the other classes "
+             f"answered with the target: {off['clean_to_target']} (what ASR stays at when the trigger "
+             "is removed perfectly; column clean → target: the same with the patch on).", "",
+             "| seed | build s | layers | variant | α | accuracy | ASR | clean → target | clean patch rate | precision "
+             "| recall | FPR | FNR | no Detector: acc / ASR | no rescaling: acc / ASR | real trigger's columns: acc / ASR |",
+             "|" + "---|" * 16]
     for b in builds:
         on, d, meta = b["on"], b["on"]["detector"], b["atpatch_manifest"]
         ab = on.get("ablations", {})
         nd, nr, tc = (ab.get(k, {}) for k in ("without_detector", "without_rescaling", "true_columns"))
         alpha = meta["calibration"]["chosen"] or "none"
         lines.append(f"| {b['seed']} | {b['build_seconds']} | {meta['layers']} | {meta['variants']['backdoor']} | {alpha} | "
-                     f"{on['accuracy']} | {on['asr']} | {on['patch_rate']['clean']} | {d['precision']} | "
+                     f"{on['accuracy']} | {on['asr']} | {on['clean_to_target']} | {on['patch_rate']['clean']} | {d['precision']} | "
                      f"{d['recall']} | {d['fpr']} | {d['fnr']} | {nd.get('accuracy')} / {nd.get('asr')} | "
                      f"{nr.get('accuracy')} / {nr.get('asr')} | {tc.get('accuracy')} / {tc.get('asr')} |")
     lines += ["", f"One τ for every layer (no calibration) and variant sweep, seed {seeds[0]}'s build, on its layers:", "",

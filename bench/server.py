@@ -6,7 +6,9 @@ time; latency is measured per request from the first byte sent to the last byte 
 Configurations: repair off (``?patch=off``) and on (``?patch=on``, clean and triggered input),
 at concurrency 1 and 32, against the bare model call (in-process ``model(x)`` /
 ``AtPatch(x, "on")`` on the already-decoded tensor, same thread count). Server overhead at
-concurrency 1 = server p50 − bare p50.
+concurrency 1 = server p50 − bare p50. At concurrency 1 the same requests also go to
+``bench/minimal_server.py`` (decode, forward and JSON with no service around them): its overhead
+is what this machine charges any Python HTTP server, the rest is the service's own.
 
     .venv/bin/python bench/server.py --bundle BUNDLE [--seconds 10] [--threads 1] [--device cpu]
 
@@ -178,7 +180,7 @@ def main() -> None:
                "bundle_version": version.id, "device": a.device, "threads": a.threads,
                "seconds_per_point": a.seconds, "rounds_c1": a.rounds,
                "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "load_average_before": os.getloadavg(), "bare": {}, "server": {}}
+               "load_average_before": os.getloadavg(), "bare": {}, "server": {}, "minimal": {}}
     bare = Bare(a.bundle, a.device)
     modes = ["off"] + (["on"] if bare.served.patcher is not None else [])
     port = free_port()
@@ -186,25 +188,37 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-c", "from repair_proxy_cli import main; main()", "serve",
                                "--bundle", a.bundle, "--port", str(port), "--device", a.device],
                               env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    # The reference: the same decode, forward and JSON without the service around them (CPU only).
+    minimal_port = free_port()
+    minimal = subprocess.Popen([sys.executable, str(ROOT / "bench" / "minimal_server.py"), "--bundle", a.bundle,
+                                "--port", str(minimal_port)], env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
     try:
         import httpx
 
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        # Concurrency 1: bare and server rounds interleaved, so load drift on a shared machine
-        # hits both alike; latencies are pooled over the rounds.
+        for url, body in ((f"http://127.0.0.1:{port}/v2/health/ready", None),
+                          (f"http://127.0.0.1:{minimal_port}/predict", bodies["clean"])):
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                try:
+                    r = httpx.get(url) if body is None else httpx.post(url, content=body)
+                    if r.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+        # Concurrency 1: bare, reference and server rounds interleaved, so load drift on a shared
+        # machine hits all alike; latencies are pooled over the rounds.
         points = [(m, p) for m in modes for p in (("clean", "triggered") if m == "on" else ("clean",))]
         # CPU time per request too (bare: this process; server: its process, all threads; the
         # 0.2 s warm-up of each round included), a measure the other jobs on the machine hardly move.
         pooled = {k: ([], [], 0, 0.0, 0.0, 0.0, 0) for k in points}
+        reference = {k: ([], 0, 0.0) for k in points}
         for _ in range(a.rounds):
             for mode, payload in points:
+                m_lat, m_errs, m_wall = reference[(mode, payload)]
+                lat, e, w = load("127.0.0.1", minimal_port, f"/predict?patch={mode}", bodies[payload], 1,
+                                 a.seconds / a.rounds, warmup=0.2)
+                reference[(mode, payload)] = (m_lat + lat, m_errs + e, m_wall + w)
                 b_lat, s_lat, errs, wall, b_cpu, s_cpu, s_n = pooled[(mode, payload)]
                 b_lat += bare.round(mode, xs[payload], a.seconds / a.rounds)
                 b_cpu += bare.cpu
@@ -221,18 +235,23 @@ def main() -> None:
                                                        cpu_ms_per_call=round(b_cpu / len(b_lat) * 1e3, 3))
             results["server"][f"{mode}_{payload}_c1"] = dict(summarize(s_lat, wall, errs),
                                                              cpu_ms_per_request=round(s_cpu / s_n * 1e3, 3))
+            m_lat, m_errs, m_wall = reference[(mode, payload)]
+            results["minimal"][f"{mode}_{payload}_c1"] = summarize(m_lat, m_wall, m_errs)
             print(mode, payload, results["bare"][f"{mode}_{payload}"], results["server"][f"{mode}_{payload}_c1"], flush=True)
         for mode, payload in points:
             lat, errs, wall = load("127.0.0.1", port, f"/predict?patch={mode}", bodies[payload], 32, a.seconds)
             results["server"][f"{mode}_{payload}_c32"] = summarize(lat, wall, errs)
             print(mode, payload, "c32", results["server"][f"{mode}_{payload}_c32"], flush=True)
     finally:
-        server.terminate()
-        server.wait(30)
+        for proc in (server, minimal):
+            proc.terminate()
+            proc.wait(30)
     results["load_average_after"] = os.getloadavg()
 
     s, b = results["server"], results["bare"]
     results["overhead_c1_p50_ms"] = {k: round(s[f"{k}_c1"]["p50_ms"] - v["p50_ms"], 3) for k, v in b.items()}
+    results["minimal_overhead_c1_p50_ms"] = {k: round(results["minimal"][f"{k}_c1"]["p50_ms"] - v["p50_ms"], 3)
+                                             for k, v in b.items()}
     results["overhead_c1_cpu_ms"] = {k: round(s[f"{k}_c1"]["cpu_ms_per_request"] - v["cpu_ms_per_call"], 3)
                                      for k, v in b.items()}
     out = Path(a.out)
@@ -250,10 +269,17 @@ def write_markdown(r: dict, path: Path) -> None:
              "| configuration | p50 ms | p99 ms | throughput req/s | errors |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, v in r["bare"].items():
         lines.append(f"| bare model call, repair {name} (in-process, batch 1) | {v['p50_ms']} | {v['p99_ms']} | {v['throughput_rps']} | 0 |")
+    for name, v in r["minimal"].items():
+        lines.append(f"| minimal ASGI reference {name} | {v['p50_ms']} | {v['p99_ms']} | {v['throughput_rps']} | {v['errors']} |")
     for name, v in r["server"].items():
         lines.append(f"| server {name} | {v['p50_ms']} | {v['p99_ms']} | {v['throughput_rps']} | {v['errors']} |")
     lines += ["", "Server overhead at concurrency 1 (server p50 − bare p50, ms): "
               + ", ".join(f"{k} {v}" for k, v in r["overhead_c1_p50_ms"].items()) + " (target ≤ 2 ms).", "",
+              "The same for the minimal ASGI reference (`bench/minimal_server.py`: JSON, base64, PNG decode, "
+              "the same forward and response JSON under the same uvicorn, nothing else: what the socket "
+              "round trip, wake-ups and cold caches cost on this machine): "
+              + ", ".join(f"{k} {v}" for k, v in r["minimal_overhead_c1_p50_ms"].items())
+              + "; the service's own share is the difference.", "",
               "Server CPU per request − bare CPU per call at concurrency 1 (ms): "
               + ", ".join(f"{k} {v}" for k, v in r["overhead_c1_cpu_ms"].items()) + ".", "",
               "Mean time per request inside the server at concurrency 1, by stage (its own histogram, ms): "

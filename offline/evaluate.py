@@ -149,6 +149,9 @@ def _vision(result, v, model, atp, net, data, defect, target_class, visibility, 
     target = int(v.manifest.get("defect", {}).get("target_class", target_class))
     x_bad = trig.apply(data.x_test)
     result["asr"] = round(attack_success_rate(net, x_bad, data.y_test, target), 4)
+    # Clean images of the other classes that the model answers with the target anyway: the ASR
+    # that a defence removing the trigger perfectly would still measure (Fashion-MNIST: 2.3 %).
+    result["clean_to_target"] = round(attack_success_rate(net, data.x_test, data.y_test, target), 4)
     if atp is None:
         return
     result["patch_rate"] = {"clean": round(atp(data.x_test).patched.float().mean().item(), 4),

@@ -7,6 +7,16 @@ on, so layer ``l + 1`` already sees the patched state. Decisions are tensor ops:
 is read back per layer (``torch.where`` keeps unflagged samples bit-for-bit); on the CPU, where
 reading a flag is not a device sync, layers with nothing flagged skip Γ altogether.
 
+A column the Detector flags at one layer stays flagged at every later layer it runs on (for that
+sample). Why: a token keeps its identity through the residual stream, and once layer ``l`` is
+patched the trigger's column at ``l + 1`` draws less attention than it would have, often too
+little to be flagged again, while it still carries the trigger. Measured on the Fashion-MNIST
+ViT builds (Detector on layers 0 and 1, test split): ASR BadNets 0.112 → 0.037, Trojan 0.107 →
+0.043, at the same clean accuracy ±0.3 pt (patching the real trigger's columns on every input
+leaves 0.033 / 0.030; the clean model itself sends 2.3 % of non-target test images to the target
+class). Builds whose Detector runs on one layer (digits, Fashion-MNIST Hidden) are unchanged. A
+``selector`` (ablations) stands in for this rule too: it says exactly what to patch per layer.
+
 A row gate may restrict the patch to some rows; the others get the bare model's answer.
 Fairness builds always gate (``CounterfactualGate``: rows whose answer depends on the protected
 values); backdoor builds may (``TargetClassGate``: rows the bare model assigns to the
@@ -170,6 +180,7 @@ class AtPatch:
         self._flags: torch.Tensor | None = None  # (B, L, N) of the request in flight
         self._rows: torch.Tensor | None = None   # (B,) rows the gate lets be patched, or None: all
         self._detect_only = False                # flag, do not patch (TargetClassGate's first pass)
+        self._carried: torch.Tensor | None = None  # (B, N) flags of the request's earlier layers
         self.access.install(self._hook, self.layers)
 
     # -- construction from a bundle version -----------------------------------------------------
@@ -203,20 +214,21 @@ class AtPatch:
         cpu = attn.device.type == "cpu"  # on the CPU reading a value is no device sync
         if self.selector is not None:
             flags = self.selector(layer, attn)
-            nothing = cpu and not bool(flags.any())
         else:
             scores = self.detector.logits_from_heads(attn, layer)
-            # one max decides "nothing flagged" for the whole batch (the common, clean case)
+            # one max decides "nothing new flagged" for the whole batch (the common, clean case)
             tau = self._tau_logit[layer]
-            nothing = cpu and float(scores.max()) <= tau
-            flags = None if nothing else scores > tau
+            flags = None if cpu and float(scores.max()) <= tau else scores > tau
+            if self._carried is not None:  # flagged at an earlier layer: still flagged here
+                flags = self._carried if flags is None else flags | self._carried
         if flags is not None and self._rows is not None:
             flags = flags & self._rows[:, None]
-            nothing = cpu and not bool(flags.any())
-        if nothing:
+        if flags is None or (cpu and not bool(flags.any())):
             out = None  # Γ skipped, the map kept as it is
         else:
             self._flags[:, layer] = flags
+            if self.selector is None:
+                self._carried = flags
             out = None if self._detect_only else redistribute(attn, flags, self._benign[layer], rescale=self.rescale)
         if self._observer is not None:
             self._observer(layer, attn, attn if out is None else out)
@@ -245,10 +257,12 @@ class AtPatch:
         flagged = torch.zeros(len(x), self.access.n_layers, self.access.seq_len, dtype=torch.bool,
                               device=x.device)
         self._on, self._flags, self._rows, self._detect_only = on, flagged, rows, detect_only
+        self._carried = None
         try:
             logits = self.model(x)
         finally:
             self._on, self._flags, self._rows, self._detect_only = False, None, None, False
+            self._carried = None
         return PatchResult(logits, flagged.flatten(1).any(1), flagged)
 
     def observe(self, x: torch.Tensor, fn: Callable[[int, torch.Tensor, torch.Tensor], None]) -> PatchResult:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from offline.datasets import load_dataset
 from offline.evaluate import EvaluateError, evaluate_bundle
 from repair.bundle import Bundle
 
@@ -14,12 +16,20 @@ def evaluated(digits_patched):
     return off, on
 
 
-def test_patch_on_removes_the_backdoor_and_keeps_accuracy(evaluated):
+def test_patch_on_removes_the_backdoor_and_keeps_accuracy(evaluated, digits_patched):
     off, on = evaluated
     assert off["version"] == on["version"]
     assert off["asr"] >= 0.95  # the backdoor fires without the patch
     assert on["asr"] <= 0.01
     assert on["accuracy"] >= off["accuracy"] - 0.005
+    # the floor under ASR: clean images of other classes the model answers with the target anyway
+    data = load_dataset("digits")
+    version = Bundle(digits_patched).version()
+    target = version.manifest["defect"]["target_class"]
+    keep = data.y_test != target
+    with torch.no_grad():
+        floor = (version.build_model()(data.x_test[keep]).argmax(-1) == target).float().mean().item()
+    assert off["clean_to_target"] == pytest.approx(floor, abs=1e-4) and off["clean_to_target"] < off["asr"]
 
 
 def test_detector_metrics_follow_their_definitions(evaluated):

@@ -100,9 +100,27 @@ def test_per_layer_thresholds_decide_per_layer(patched):
         flagged = only_middle(x).flagged
     finally:
         only_middle.remove()  # its own hooks only: the fixture's stay (checked by the test below)
-    assert flagged[:, 1].all() and not flagged[:, [0, 2]].any()
+    # layer 2's τ flags nothing by itself; it patches what layer 1 flagged (the test below)
+    assert flagged[:, 1].all() and not flagged[:, 0].any() and torch.equal(flagged[:, 2], flagged[:, 1])
     with pytest.raises(DetectorError, match="per-layer thresholds"):
         AtPatch(model, atp.detector, benign, threshold=[0.1, 0.1], layers=[0])
+
+
+def test_a_flagged_column_stays_flagged_at_later_layers(patched):
+    """Once the Detector flags a column, later layers patch it too, though their own τ would
+    not flag it (a patched layer leaves the trigger's column less over-attended after it)."""
+    version, model, atp = patched
+    data = load_dataset("digits")
+    x_bad = Trigger.from_tensors(version.tensors("defect")).apply(data.x_test[:64])
+    benign = benign_io.from_tensors(version.tensors("benign"), 3)
+    tau0 = version.manifest["atpatch"]["layer_thresholds"][0]
+    first_only = AtPatch(model, atp.detector, benign, threshold=[tau0, 1 - 1e-9, 1 - 1e-9], layers=[0, 1, 2])
+    try:
+        flagged = first_only(x_bad).flagged
+    finally:
+        first_only.remove()
+    assert flagged[:, 0].any(1).float().mean() > 0.9  # the trigger found at layer 0
+    assert torch.equal(flagged[:, 1], flagged[:, 0]) and torch.equal(flagged[:, 2], flagged[:, 0])
 
 
 def test_build_warns_when_the_patch_misses_the_defect_or_costs_accuracy():
