@@ -295,8 +295,8 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [f"bare {k}" for k in r["bare"]] + list(r["server"])
-    rows = list(r["bare"].values()) + list(r["server"].values())
+    names = [f"bare {k}" for k in r["bare"]] + [f"minimal {k}" for k in r["minimal"]] + list(r["server"])
+    rows = list(r["bare"].values()) + list(r["minimal"].values()) + list(r["server"].values())
     fig, ax = plt.subplots(figsize=(10, 4))
     xs = range(len(names))
     ax.bar([i - 0.2 for i in xs], [v["p50_ms"] for v in rows], 0.4, label="p50")

@@ -314,7 +314,9 @@ def _calibrate(runner_at, det, clean_maps: list[torch.Tensor], threshold: float,
     the clean attention, about what natural columns draw. Measured on the seed-1 digits build
     (test set), α = 0.05 flagged 4.7 % of clean images instead of 30 % at the same ASR (0 %); on
     Fashion-MNIST the real trigger's scores overlap those of clean maps, and α = 0.1 let ASR rise
-    from 0.11 to 0.22 (BadNets) — which the held-out check is there to catch.
+    from 0.11 to 0.22 (BadNets, before flags were carried to later layers) — which the held-out
+    check is there to catch. With flags carried, the BadNets build takes α = 0.05: 9 % of clean
+    images flagged instead of 44 %, at test ASR 0.037 either way.
     """
     out = {"chosen": None, "clean_images": len(clean_maps[0]), "tolerance": tolerance,
            "measured_on": _MEASURED_ON, "uncalibrated": base, "tried": {}}

@@ -11,11 +11,13 @@ A column the Detector flags at one layer stays flagged at every later layer it r
 sample). Why: a token keeps its identity through the residual stream, and once layer ``l`` is
 patched the trigger's column at ``l + 1`` draws less attention than it would have, often too
 little to be flagged again, while it still carries the trigger. Measured on the Fashion-MNIST
-ViT builds (Detector on layers 0 and 1, test split): ASR BadNets 0.112 → 0.037, Trojan 0.107 →
-0.043, at the same clean accuracy ±0.3 pt (patching the real trigger's columns on every input
-leaves 0.033 / 0.030; the clean model itself sends 2.3 % of non-target test images to the target
-class). Builds whose Detector runs on one layer (digits, Fashion-MNIST Hidden) are unchanged. A
-``selector`` (ablations) stands in for this rule too: it says exactly what to patch per layer.
+ViT builds (Detector on layers 0 and 1, test split, ``bench/results/atpatch_fashion-*.md``): ASR
+BadNets 0.112 → 0.037 (and the rebuild could raise τ per layer: accuracy −0.4 → −0.08 pt),
+Trojan 0.107 → 0.043 (−2.1 → −2.4 pt). Patching the real trigger's columns on every input
+leaves 0.034 / 0.031, and the clean model itself answers 2.3 / 2.2 % of the other classes' clean
+images with the target. Builds whose Detector runs on one layer (digits, Fashion-MNIST Hidden)
+are unchanged. A ``selector`` (ablations) stands in for this rule too: it says exactly what to
+patch per layer.
 
 A row gate may restrict the patch to some rows; the others get the bare model's answer.
 Fairness builds always gate (``CounterfactualGate``: rows whose answer depends on the protected
@@ -119,7 +121,7 @@ class TargetClassGate:
     be there) and yields the bare logits; only if some flagged row is answered with the target
     does a second, patched forward run. A clean request costs what it costs without the gate (or
     less: Γ never runs for it); an attacked one costs two forward passes. Measured (test sets,
-    seed-0 builds): clean accuracy Fashion-MNIST Trojan −2.1 → −0.36 pt, BadNets −0.41 → +0.02
+    seed-0 builds): clean accuracy Fashion-MNIST Trojan −2.4 → −0.35 pt, BadNets −0.08 → −0.01
     pt, Hidden −0.07 → −0.04 pt, digits −0 → −0 pt, ASR unchanged (``bench/results/atpatch_target_gate.md``)."""
 
     name = "target_class"   # manifest ``row_gate``
