@@ -37,8 +37,10 @@ def run(setup: Setup, method: str, n: int, trial: int, budget: float) -> dict:
                                    budget=budget)
     else:
         out = rectify(setup.model, setup.layers, setup.stats, clean, corrupt, labels, setup.val_x,
-                      setup.val_y, budget=budget, static=(method == "static"), progress=False)
+                      setup.val_y, budget=budget, static=(method == "static"), progress=False,
+                      anchors=setup.anchors)
         info = {"layers": [e.layer for e in out.edits], "rounds": len(out.rounds),
+                "anchored_rounds": [r.anchored for r in out.rounds],
                 "completeness_error": [r.completeness_error for r in out.rounds],
                 "round_gaps": [r.gap for r in out.rounds], "round_drops": [r.accuracy_drop for r in out.rounds]}
     seconds = time.perf_counter() - started

@@ -8,6 +8,7 @@ import torch
 
 from offline.datasets import load_dataset
 from offline.defects import Trigger, blend_trigger
+from offline.rectify import ANCHOR_SAMPLES
 from repair.bundle import Bundle
 from repair.editing.keystats import compute_keystats, stats_from_tensors
 from repair.editing.layers import editable_layers
@@ -45,6 +46,7 @@ class Setup:
                                           self.data.x_train[:1024], progress=False)
         self.weights = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.val_x, self.val_y = self.data.x_train[-500:], self.data.y_train[-500:]
+        self.anchors = self.data.x_train[:ANCHOR_SAMPLES]  # as `repair-proxy rectify` holds them
         self.base = self.evaluate()
 
     def reset(self):

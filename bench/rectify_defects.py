@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline.defects import Trigger, block_images, block_positions  # noqa: E402
 from offline.finetune_baseline import finetune_last_layer  # noqa: E402
-from offline.rectify import training_images  # noqa: E402
+from offline.rectify import ANCHOR_SAMPLES, training_images  # noqa: E402
 from offline.zoo import bundle_test_data, train_bundle  # noqa: E402
 from rectify_common import write_results  # noqa: E402
 from repair.bundle import Bundle  # noqa: E402
@@ -62,8 +62,9 @@ def _prepare(version):
     return model, layers, stats, x_train, y_train, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _methods(model, layers, stats, clean, corrupt, labels, val_x, val_y, weights):
-    """Yield (method, info) with the model in that method's state; info says what was kept."""
+def _methods(model, layers, stats, clean, corrupt, labels, val_x, val_y, weights, anchors):
+    """Yield (method, info) with the model in that method's state; info says what was kept.
+    ``anchors``: the clean inputs a retried round holds in place, as `repair-proxy rectify` does."""
     for method in ("base", "dynamic", "static", "finetune"):
         model.load_state_dict(weights)
         info = {}
@@ -71,8 +72,8 @@ def _methods(model, layers, stats, clean, corrupt, labels, val_x, val_y, weights
             info = finetune_last_layer(model, clean, corrupt, labels, val_x, val_y, budget=0.005)
         elif method != "base":
             out = rectify(model, layers, stats, clean, corrupt, labels, val_x, val_y,
-                          budget=0.005, static=method == "static", progress=False)
-            info = {"rounds": [{"layer": r.layer, "kept": r.kept, "gap": r.gap,
+                          budget=0.005, static=method == "static", progress=False, anchors=anchors)
+            info = {"rounds": [{"layer": r.layer, "kept": r.kept, "gap": r.gap, "anchored": r.anchored,
                                 "accuracy_drop": r.accuracy_drop} for r in out.rounds]}
         yield method, info
 
@@ -97,7 +98,7 @@ def spurious(rows, arch: str, cls: int, rate: float):
         clean = x_train[order[:n]]
         corrupt, labels = square.apply(clean), y_train[order[:n]]
         for method, info in _methods(model, layers, stats, clean, corrupt, labels,
-                                     x_train[-500:], y_train[-500:], weights):
+                                     x_train[-500:], y_train[-500:], weights, x_train[:ANCHOR_SAMPLES]):
             acc_clean = accuracy(model, x_test[zero], y_test[zero])
             acc_spur = accuracy(model, square.apply(x_test[zero]), y_test[zero])
             rows.append({"defect": "spurious", "n": n, "method": method,
@@ -146,7 +147,7 @@ def leakage(rows, arch: str):
         idx = order[:n]
         clean, corrupt, labels = blank[idx], x_train[idx], y_train[idx]
         for method, info in _methods(model, layers, stats, clean, corrupt, labels,
-                                     x_train[-500:], y_train[-500:], weights):
+                                     x_train[-500:], y_train[-500:], weights, x_train[:ANCHOR_SAMPLES]):
             rows.append({"defect": "leakage", "n": n, "method": method,
                          "oa": accuracy(model, x_test, y_test),
                          "leakage": leakage_measure(model, x_test[sub], y_test[sub], block_top[sub]),

@@ -24,6 +24,7 @@ from repair.editing.layers import editable_layers
 
 KEYSTATS_SAMPLES = 1024   # clean training images for C = K Kᵀ
 VALIDATION_SAMPLES = 500  # training images for the budget check ε* (the test split stays unseen)
+ANCHOR_SAMPLES = 64      # clean inputs held in place when a round that broke the budget is retried
 
 
 class RectifyError(ValueError):
@@ -124,7 +125,7 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     val_x, val_y = x_train[-VALIDATION_SAMPLES:], y_train[-VALIDATION_SAMPLES:]
     outcome = rectify(model, layers, stats, clean_b, corrupt_b, labels, val_x, val_y,
                       budget=budget, gap=gap, epochs=epochs, max_rounds=max_rounds, static=static,
-                      layer=layer, progress=progress)
+                      layer=layer, progress=progress, anchors=x_train[:ANCHOR_SAMPLES].to(device))
 
     pairs = [{"clean": _pair_hash(c), "corrupt": _pair_hash(k)} for c, k in zip(clean_b, corrupt_b)]
     edits = [{"method": "rank-one", "layer": e.layer, "round": i + 1,
@@ -141,7 +142,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     after = {"accuracy": outcome.accuracy_after, "gap": outcome.gap_after,
              "clean_pred": after_clean.tolist(), "corrupt_pred": after_corrupt.tolist()}
     rounds = [{"layer": r.layer, "accuracy_drop": r.accuracy_drop, "gap": r.gap, "kept": r.kept,
-               "completeness_error": r.completeness_error} for r in outcome.rounds]
+               "anchored": r.anchored, "completeness_error": r.completeness_error}
+              for r in outcome.rounds]
     manifest = {k: v for k, v in parent.manifest.items()
                 if k not in ("id", "parent", "created", "files")}
     manifest["rectification"] = {"mode": "layer" if layer else "static" if static else "dynamic",

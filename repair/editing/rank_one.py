@@ -69,7 +69,8 @@ def rank_one_edit(model: nn.Module, layer: EditableLayer, stats: LayerStats, cle
                   corrupt: torch.Tensor, steps: int = 100, lr: float = 0.1,
                   value: str = "logits", optimizer: str = "adam", apply: bool = True,
                   used: list[torch.Tensor] | tuple = (), tol: float = 0.0,
-                  window: int = 50) -> RankOneEdit:
+                  window: int = 50, anchors: torch.Tensor | None = None,
+                  preserve: float = 1.0) -> RankOneEdit:
     """Eq. 1: find ``Λ`` so the corrupt keys yield the clean values; fold ``Λ dᵀ`` into ``W``.
 
     ``value`` says where ``v*`` is read (see :mod:`repair.editing.layers`). ``Λ`` has only
@@ -82,9 +83,13 @@ def rank_one_edit(model: nn.Module, layer: EditableLayer, stats: LayerStats, cle
     than ``tol`` (relative) over the window.
     ``optimizer="lbfgs"`` (strong-Wolfe L-BFGS, ``steps`` iterations) is the alternative.
     ``used``: directions of edits already kept at this layer (see :func:`edit_direction`).
+    ``anchors``: clean inputs whose values the edit should leave alone; Eq. 1 then gets a second
+    term, ``preserve`` times their mean squared change (the dynamic loop's retry of a round that
+    broke the accuracy budget, :func:`repair.editing.dynamic.rectify`).
     """
     with torch.no_grad():
         target = value_at(model, layer, clean, value).detach()
+        anchored = None if anchors is None else value_at(model, layer, anchors, value).detach()
     d = edit_direction(stats, corrupt_keys(model, layer, corrupt), used).detach()
     lam = torch.zeros(layer.value_dim, device=d.device, requires_grad=True)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -92,7 +97,10 @@ def rank_one_edit(model: nn.Module, layer: EditableLayer, stats: LayerStats, cle
         p.requires_grad_(False)
 
     def objective():
-        return (value_at(model, layer, corrupt, value) - target).pow(2).mean()
+        loss = (value_at(model, layer, corrupt, value) - target).pow(2).mean()
+        if anchored is not None:
+            loss = loss + preserve * (value_at(model, layer, anchors, value) - anchored).pow(2).mean()
+        return loss
 
     try:
         with rank_one_hook(layer, lam, d):

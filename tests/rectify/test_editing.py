@@ -134,3 +134,41 @@ def test_localization_ranks_every_layer_and_reports_completeness(digits_vit_blen
     joint = locate(model, layers, stats, clean, trig.apply(clean), torch.tensor([1]), joint=True)
     # one Captum pass over the list: layers whose paths all cross a later listed layer get 0
     assert joint.scores["blocks.0.attn.qkv"] == 0.0 and joint.scores["blocks.0.attn.proj"] > 0
+
+
+def test_a_round_that_breaks_the_budget_is_retried_with_clean_inputs_held(digits_vit_blend):
+    """The retry adds the anchors' change to Eq. 1: the edit still maps the pair, and moves the
+    anchors' logits less than the plain edit does; a retry that breaks the budget too is rolled
+    back and ends the loop."""
+    from offline.datasets import load_dataset
+    from offline.defects import Trigger
+    from repair.bundle import Bundle
+    from repair.editing.dynamic import rectify
+    from repair.editing.rank_one import rank_one_edit
+
+    version = Bundle(digits_vit_blend).version()
+    model = version.build_model()
+    data = load_dataset("digits")
+    trig = Trigger.from_tensors(version.tensors("defect"))
+    layers = editable_layers(model)
+    stats = compute_keystats(model, list(layers.values()), data.x_train[:256], progress=False)
+    clean = data.x_train[data.y_train != 0][:1]
+    corrupt, anchors = trig.apply(clean), data.x_train[:64]
+    layer = layers["blocks.0.attn.proj"]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(anchors)
+    moved = {}
+    for name, hold in (("plain", None), ("anchored", anchors)):
+        model.load_state_dict(weights)
+        edit = rank_one_edit(model, layer, stats[layer.name], clean, corrupt, steps=300, anchors=hold)
+        with torch.no_grad():
+            moved[name] = (model(anchors) - before).pow(2).mean().item()
+        assert edit.loss_after < 0.1 * edit.loss_before  # the pair is still mapped
+    assert moved["anchored"] < 0.5 * moved["plain"]
+    model.load_state_dict(weights)
+    out = rectify(model, layers, stats, clean, corrupt, data.y_train[data.y_train != 0][:1],
+                  data.x_train[-200:], data.y_train[-200:], budget=-1.0, anchors=anchors,
+                  epochs=100, progress=False)
+    assert [(r.anchored, r.kept) for r in out.rounds] == [(True, False)] and out.edits == []
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
