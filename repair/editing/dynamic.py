@@ -6,7 +6,7 @@ edit it with ``T`` optimisation steps (Eq. 1), re-evaluate ``ε*`` and ``δ*``; 
 ``ε* ≤ ε``, otherwise roll it back and stop. *Static* rectifying edits one fixed layer, the last
 editable one (the usual choice of prior work), once, under the same budget.
 
-Two additions to Algorithm 1:
+Three additions to Algorithm 1:
 
 - A layer located again (line 3) gets a *new* rank-one direction: the top singular direction of
   its whitened keys after the directions of the edits already kept there are projected out

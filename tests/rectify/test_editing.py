@@ -152,7 +152,8 @@ def test_a_round_that_breaks_the_budget_is_retried_with_clean_inputs_held(digits
     trig = Trigger.from_tensors(version.tensors("defect"))
     layers = editable_layers(model)
     stats = compute_keystats(model, list(layers.values()), data.x_train[:256], progress=False)
-    clean = data.x_train[data.y_train != 0][:1]
+    other = data.y_train != version.manifest["defect"]["target_class"]
+    clean, label = data.x_train[other][:1], data.y_train[other][:1]
     corrupt, anchors = trig.apply(clean), data.x_train[:64]
     layer = layers["blocks.0.attn.proj"]
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -167,8 +168,8 @@ def test_a_round_that_breaks_the_budget_is_retried_with_clean_inputs_held(digits
         assert edit.loss_after < 0.1 * edit.loss_before  # the pair is still mapped
     assert moved["anchored"] < 0.5 * moved["plain"]
     model.load_state_dict(weights)
-    out = rectify(model, layers, stats, clean, corrupt, data.y_train[data.y_train != 0][:1],
-                  data.x_train[-200:], data.y_train[-200:], budget=-1.0, anchors=anchors,
+    out = rectify(model, layers, stats, clean, corrupt, label, data.x_train[-200:],
+                  data.y_train[-200:], budget=-1.0, anchors=anchors,
                   epochs=100, progress=False)
     assert [(r.anchored, r.kept) for r in out.rounds] == [(True, False)] and out.edits == []
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
