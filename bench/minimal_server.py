@@ -7,7 +7,7 @@ latency over the bare model call is the part of the server overhead that this ma
 round trip, thread wake-ups and cold caches set on their own; ``repair-proxy serve`` minus this
 reference is what the service itself costs.
 
-    .venv/bin/python bench/minimal_server.py --bundle BUNDLE --port PORT
+    .venv/bin/python bench/minimal_server.py --bundle BUNDLE --port PORT [--device cpu]
 """
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def make_app(bundle: str):
+def make_app(bundle: str, device: str = "cpu"):
     from repair.bundle import Bundle
     from repair.images import decode_image
-    from server.runtime import Served
+    from server.runtime import Served, resolve_device
     from server.service import predictions
 
-    served = Served(Bundle(bundle).version(), torch.device("cpu"), max_batch_size=1)
+    served = Served(Bundle(bundle).version(), resolve_device(device), max_batch_size=1)
     c, h, w = served.shape
 
     async def app(scope, receive, send):
@@ -58,8 +58,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", required=True)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--device", default="cpu")
     a = p.parse_args()
-    uvicorn.run(make_app(a.bundle), host="127.0.0.1", port=a.port, access_log=False, log_level="warning")
+    uvicorn.run(make_app(a.bundle, a.device), host="127.0.0.1", port=a.port, access_log=False, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -188,10 +188,11 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-c", "from repair_proxy_cli import main; main()", "serve",
                                "--bundle", a.bundle, "--port", str(port), "--device", a.device],
                               env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
-    # The reference: the same decode, forward and JSON without the service around them (CPU only).
+    # The reference: the same decode, forward and JSON without the service around them.
     minimal_port = free_port()
     minimal = subprocess.Popen([sys.executable, str(ROOT / "bench" / "minimal_server.py"), "--bundle", a.bundle,
-                                "--port", str(minimal_port)], env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+                                "--port", str(minimal_port), "--device", a.device],
+                               env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
     try:
         import httpx
 
