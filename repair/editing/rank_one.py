@@ -89,7 +89,7 @@ def rank_one_edit(model: nn.Module, layer: EditableLayer, stats: LayerStats, cle
     """
     with torch.no_grad():
         target = value_at(model, layer, clean, value).detach()
-        anchored = None if anchors is None else value_at(model, layer, anchors, value).detach()
+        anchor_values = None if anchors is None else value_at(model, layer, anchors, value).detach()
     d = edit_direction(stats, corrupt_keys(model, layer, corrupt), used).detach()
     lam = torch.zeros(layer.value_dim, device=d.device, requires_grad=True)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -98,8 +98,8 @@ def rank_one_edit(model: nn.Module, layer: EditableLayer, stats: LayerStats, cle
 
     def objective():
         loss = (value_at(model, layer, corrupt, value) - target).pow(2).mean()
-        if anchored is not None:
-            loss = loss + preserve * (value_at(model, layer, anchors, value) - anchored).pow(2).mean()
+        if anchor_values is not None:
+            loss = loss + preserve * (value_at(model, layer, anchors, value) - anchor_values).pow(2).mean()
         return loss
 
     try:
