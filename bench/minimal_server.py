@@ -17,19 +17,15 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_app(bundle: str, device: str = "cpu"):
     from repair.bundle import Bundle
-    from repair.images import decode_image
     from server.runtime import Served, resolve_device
     from server.service import predictions
 
     served = Served(Bundle(bundle).version(), resolve_device(device), max_batch_size=1)
-    c, h, w = served.shape
 
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
@@ -42,7 +38,7 @@ def make_app(bundle: str, device: str = "cpu"):
             message = await receive()
             body, more = body + message.get("body", b""), message.get("more_body", False)
         images = json.loads(body)["images"]
-        x = torch.stack([decode_image(base64.b64decode(i), c, h, w) for i in images])
+        x = served.preprocess_images([base64.b64decode(i) for i in images])
         mode = "off" if b"patch=off" in scope.get("query_string", b"") else "on"
         out = json.dumps({"predictions": predictions(served, served.forward(x, mode))}).encode()
         await send({"type": "http.response.start", "status": 200,
