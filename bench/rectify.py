@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline.finetune_baseline import finetune_last_layer  # noqa: E402
+from offline.rectify import VALIDATION_SAMPLES  # noqa: E402
 from rectify_common import Setup, ensure_bundle, write_results  # noqa: E402
 from repair.editing.dynamic import rectify  # noqa: E402
 
@@ -61,12 +62,14 @@ def main():
     ap.add_argument("--max-train", type=int, help="train the zoo model on a random subset")
     ap.add_argument("--zoo-epochs", type=int, help="epochs of the zoo model (default: the zoo's)")
     ap.add_argument("--max-test", type=int, help="evaluate on the first test rows only")
+    ap.add_argument("--validation", type=int, default=VALIDATION_SAMPLES,
+                    help="training images (the last ones) on which the budget ε is checked")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     name = f"{a.dataset}-{a.arch}-blend" + (f"-{a.max_train}" if a.max_train else "")
     bundle = ensure_bundle(Path(a.cache) / name, a.arch, a.dataset, max_train=a.max_train,
                            epochs=a.zoo_epochs)
-    setup = Setup(bundle, max_test=a.max_test)
+    setup = Setup(bundle, max_test=a.max_test, validation=a.validation)
     rows = []
     counts = a.n or [1, 20]
     for n, trials in ((n, a.trials if n == 1 else 1) for n in counts):
@@ -81,14 +84,14 @@ def main():
             summary[f"{method} n={n}"] = {k: sum(r[k] for r in sel) / len(sel)
                                           for k in sel[0] if k.startswith(("oa", "asr"))}
     command = " ".join(["python", "bench/rectify.py", *sys.argv[1:]])
-    name = f"rectify_{a.dataset}_{a.arch}"
+    name = f"rectify_{a.dataset}_{a.arch}" + (f"_val{a.validation}" if a.validation != VALIDATION_SAMPLES else "")
     md = [f"# Rectification, {a.dataset} {a.arch}, Blend φ=0.5 (target 0)", "",
           f"Command: `{command}` ({a.threads} CPU thread(s)). Zoo model trained on "
           f"{setup.version.manifest['dataset'].get('train_rows', 'all')} training images "
           f"for {setup.version.manifest['provenance'].get('epochs')} epochs"
           f"{f', evaluated on the first {a.max_test} test images' if a.max_test else ''}. "
           f"Base model: OA {setup.base['oa']:.4f}, "
-          f"ASR {setup.base['asr']:.4f}. Budget ε = {a.budget}; n=1 averaged over {a.trials} "
+          f"ASR {setup.base['asr']:.4f}. Budget ε = {a.budget} on the last {a.validation} training images; n=1 averaged over {a.trials} "
           "pairs (one per trial), each larger n one run. OA drop in points of accuracy × 100.", "",
           "| method | OA | OA drop (pt) | ASR | ASR φ=0.3 | ASR φ=0.7 | ASR φ=1.0 |",
           "| --- | --- | --- | --- | --- | --- | --- |"]

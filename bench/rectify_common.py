@@ -8,7 +8,7 @@ import torch
 
 from offline.datasets import load_dataset
 from offline.defects import Trigger, blend_trigger
-from offline.rectify import ANCHOR_SAMPLES
+from offline.rectify import ANCHOR_SAMPLES, VALIDATION_SAMPLES
 from repair.bundle import Bundle
 from repair.editing.keystats import compute_keystats, stats_from_tensors
 from repair.editing.layers import editable_layers
@@ -29,7 +29,7 @@ def ensure_bundle(path: Path, arch: str, dataset: str = "digits", visibility: fl
 class Setup:
     """A bundle's model, trigger, data, editable layers and key statistics."""
 
-    def __init__(self, bundle: Path, max_test: int | None = None):
+    def __init__(self, bundle: Path, max_test: int | None = None, validation: int = VALIDATION_SAMPLES):
         version = Bundle(bundle).version()
         self.version = version
         self.model = version.build_model()
@@ -45,7 +45,9 @@ class Setup:
             self.stats = compute_keystats(self.model, list(self.layers.values()),
                                           self.data.x_train[:1024], progress=False)
         self.weights = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.val_x, self.val_y = self.data.x_train[-500:], self.data.y_train[-500:]
+        # the budget's validation split: the last training images, never drawn as pairs
+        self.validation = validation
+        self.val_x, self.val_y = self.data.x_train[-validation:], self.data.y_train[-validation:]
         self.anchors = self.data.x_train[:ANCHOR_SAMPLES]  # as `repair-proxy rectify` holds them
         self.base = self.evaluate()
 
@@ -55,7 +57,7 @@ class Setup:
     def pairs(self, n: int, trial: int):
         """n training images of non-target classes (seeded), clean and with the trigger."""
         g = torch.Generator().manual_seed(1000 + trial)
-        pool = (self.data.y_train[:-500] != self.target).nonzero().flatten()
+        pool = (self.data.y_train[:-self.validation] != self.target).nonzero().flatten()
         idx = pool[torch.randperm(len(pool), generator=g)[:n]]
         clean = self.data.x_train[idx]
         return clean, self.trigger.apply(clean), self.data.y_train[idx]

@@ -5,8 +5,10 @@ as little as possible) each send ``POST /predict`` with one base64 PNG back to b
 time; latency is measured per request from the first byte sent to the last byte received.
 Configurations: repair off (``?patch=off``) and on (``?patch=on``, clean and triggered input),
 at concurrency 1 and 32, against the bare model call (in-process ``model(x)`` /
-``AtPatch(x, "on")`` on the already-decoded tensor, same thread count). Server overhead at
-concurrency 1 = server p50 − bare p50. At concurrency 1 the same requests also go to
+``AtPatch(x, "on")`` on the already-decoded tensor, same thread count), back to back and paced
+(one call per server round trip, the core idle in between: on this VM that alone makes the
+forward about 1 ms slower than in a tight loop). Server overhead at concurrency 1 = server p50 −
+bare p50, reported over both. At concurrency 1 the same requests also go to
 ``bench/minimal_server.py`` (decode, forward and JSON with no service around them): its overhead
 is what this machine charges any Python HTTP server, the rest is the service's own.
 
@@ -70,7 +72,9 @@ class Bare:
                 return torch.softmax(logits, -1).cpu()  # the server's one host sync
         return fn
 
-    def round(self, mode: str, x: torch.Tensor, seconds: float) -> list[float]:
+    def round(self, mode: str, x: torch.Tensor, seconds: float, period: float = 0.0) -> list[float]:
+        """Latencies of back-to-back calls, or with ``period``: one call every ``period`` seconds,
+        the core idle in between, as a server at concurrency 1 calls the model."""
         fn, x = self.call(mode), x.to(self.served.device)
         for _ in range(20):
             fn(x)
@@ -80,6 +84,8 @@ class Bare:
             t0 = time.perf_counter()
             fn(x)
             lat.append(time.perf_counter() - t0)
+            if period:
+                time.sleep(max(0.0, t0 + period - time.perf_counter()))
         self.cpu = time.process_time() - cpu0
         return lat
 
@@ -180,7 +186,7 @@ def main() -> None:
                "bundle_version": version.id, "device": a.device, "threads": a.threads,
                "seconds_per_point": a.seconds, "rounds_c1": a.rounds,
                "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "load_average_before": os.getloadavg(), "bare": {}, "server": {}, "minimal": {}}
+               "load_average_before": os.getloadavg(), "bare": {}, "paced": {}, "server": {}, "minimal": {}}
     bare = Bare(a.bundle, a.device)
     modes = ["off"] + (["on"] if bare.served.patcher is not None else [])
     port = free_port()
@@ -212,33 +218,39 @@ def main() -> None:
         points = [(m, p) for m in modes for p in (("clean", "triggered") if m == "on" else ("clean",))]
         # CPU time per request too (bare: this process; server: its process, all threads; the
         # 0.2 s warm-up of each round included), a measure the other jobs on the machine hardly move.
-        pooled = {k: ([], [], 0, 0.0, 0.0, 0.0, 0) for k in points}
-        reference = {k: ([], 0, 0.0) for k in points}
+        acc = {k: {"bare": [], "paced": [], "server": [], "minimal": [], "server_errors": 0, "minimal_errors": 0,
+                   "server_wall": 0.0, "minimal_wall": 0.0, "bare_cpu": 0.0, "server_cpu": 0.0, "server_n": 0.0}
+               for k in points}
         for _ in range(a.rounds):
             for mode, payload in points:
-                m_lat, m_errs, m_wall = reference[(mode, payload)]
-                lat, e, w = load("127.0.0.1", minimal_port, f"/predict?patch={mode}", bodies[payload], 1,
-                                 a.seconds / a.rounds, warmup=0.2)
-                reference[(mode, payload)] = (m_lat + lat, m_errs + e, m_wall + w)
-                b_lat, s_lat, errs, wall, b_cpu, s_cpu, s_n = pooled[(mode, payload)]
-                b_lat += bare.round(mode, xs[payload], a.seconds / a.rounds)
-                b_cpu += bare.cpu
+                point, path, seconds = acc[(mode, payload)], f"/predict?patch={mode}", a.seconds / a.rounds
+                lat, e, w = load("127.0.0.1", minimal_port, path, bodies[payload], 1, seconds, warmup=0.2)
+                point["minimal"] += lat
+                point["minimal_errors"] += e
+                point["minimal_wall"] += w
+                point["bare"] += bare.round(mode, xs[payload], seconds)
+                point["bare_cpu"] += bare.cpu
                 c0 = proc_cpu_seconds(server.pid)
                 t_warm = time.perf_counter()
-                lat, e, w = load("127.0.0.1", port, f"/predict?patch={mode}", bodies[payload], 1,
-                                 a.seconds / a.rounds, warmup=0.2)
-                s_cpu += proc_cpu_seconds(server.pid) - c0
-                s_n += len(lat) * (time.perf_counter() - t_warm) / w  # requests incl. warm-up (approx.)
-                pooled[(mode, payload)] = (b_lat, s_lat + lat, errs + e, wall + w, b_cpu, s_cpu, s_n)
+                lat, e, w = load("127.0.0.1", port, path, bodies[payload], 1, seconds, warmup=0.2)
+                point["server_cpu"] += proc_cpu_seconds(server.pid) - c0
+                point["server_n"] += len(lat) * (time.perf_counter() - t_warm) / w  # requests incl. warm-up (approx.)
+                point["server"] += lat
+                point["server_errors"] += e
+                point["server_wall"] += w
+                # The same call at the rate the server was just called (one per round trip): a
+                # core that idles between calls runs the forward slower than a tight loop does.
+                point["paced"] += bare.round(mode, xs[payload], seconds, period=statistics.median(lat))
         results["server_side_c1_mean_ms"] = stages(port)
-        for (mode, payload), (b_lat, s_lat, errs, wall, b_cpu, s_cpu, s_n) in pooled.items():
-            results["bare"][f"{mode}_{payload}"] = dict(summarize(b_lat, a.seconds),
-                                                       cpu_ms_per_call=round(b_cpu / len(b_lat) * 1e3, 3))
-            results["server"][f"{mode}_{payload}_c1"] = dict(summarize(s_lat, wall, errs),
-                                                             cpu_ms_per_request=round(s_cpu / s_n * 1e3, 3))
-            m_lat, m_errs, m_wall = reference[(mode, payload)]
-            results["minimal"][f"{mode}_{payload}_c1"] = summarize(m_lat, m_wall, m_errs)
-            print(mode, payload, results["bare"][f"{mode}_{payload}"], results["server"][f"{mode}_{payload}_c1"], flush=True)
+        for (mode, payload), point in acc.items():
+            key = f"{mode}_{payload}"
+            results["bare"][key] = dict(summarize(point["bare"], a.seconds),
+                                        cpu_ms_per_call=round(point["bare_cpu"] / len(point["bare"]) * 1e3, 3))
+            results["paced"][key] = summarize(point["paced"], a.seconds)
+            results["server"][f"{key}_c1"] = dict(summarize(point["server"], point["server_wall"], point["server_errors"]),
+                                                  cpu_ms_per_request=round(point["server_cpu"] / point["server_n"] * 1e3, 3))
+            results["minimal"][f"{key}_c1"] = summarize(point["minimal"], point["minimal_wall"], point["minimal_errors"])
+            print(mode, payload, results["bare"][key], results["paced"][key], results["server"][f"{key}_c1"], flush=True)
         for mode, payload in points:
             lat, errs, wall = load("127.0.0.1", port, f"/predict?patch={mode}", bodies[payload], 32, a.seconds)
             results["server"][f"{mode}_{payload}_c32"] = summarize(lat, wall, errs)
@@ -253,6 +265,10 @@ def main() -> None:
     results["overhead_c1_p50_ms"] = {k: round(s[f"{k}_c1"]["p50_ms"] - v["p50_ms"], 3) for k, v in b.items()}
     results["minimal_overhead_c1_p50_ms"] = {k: round(results["minimal"][f"{k}_c1"]["p50_ms"] - v["p50_ms"], 3)
                                              for k, v in b.items()}
+    results["overhead_over_paced_c1_p50_ms"] = {k: round(s[f"{k}_c1"]["p50_ms"] - v["p50_ms"], 3)
+                                                for k, v in results["paced"].items()}
+    results["minimal_overhead_over_paced_c1_p50_ms"] = {
+        k: round(results["minimal"][f"{k}_c1"]["p50_ms"] - v["p50_ms"], 3) for k, v in results["paced"].items()}
     results["overhead_c1_cpu_ms"] = {k: round(s[f"{k}_c1"]["cpu_ms_per_request"] - v["cpu_ms_per_call"], 3)
                                      for k, v in b.items()}
     out = Path(a.out)
@@ -270,6 +286,8 @@ def write_markdown(r: dict, path: Path) -> None:
              "| configuration | p50 ms | p99 ms | throughput req/s | errors |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, v in r["bare"].items():
         lines.append(f"| bare model call, repair {name} (in-process, batch 1) | {v['p50_ms']} | {v['p99_ms']} | {v['throughput_rps']} | 0 |")
+    for name, v in r["paced"].items():
+        lines.append(f"| bare model call, paced at the server's c1 rate, repair {name} | {v['p50_ms']} | {v['p99_ms']} | {v['throughput_rps']} | 0 |")
     for name, v in r["minimal"].items():
         lines.append(f"| minimal ASGI reference {name} | {v['p50_ms']} | {v['p99_ms']} | {v['throughput_rps']} | {v['errors']} |")
     for name, v in r["server"].items():
@@ -281,6 +299,12 @@ def write_markdown(r: dict, path: Path) -> None:
               "round trip, wake-ups and cold caches cost on this machine): "
               + ", ".join(f"{k} {v}" for k, v in r["minimal_overhead_c1_p50_ms"].items())
               + "; the service's own share is the difference.", "",
+              "Over the paced bare call (the same call made once per server round trip, the core idle in "
+              "between, as the server's model thread sees it; a tight loop keeps caches warm that a "
+              "request-by-request server cannot): server "
+              + ", ".join(f"{k} {v}" for k, v in r["overhead_over_paced_c1_p50_ms"].items())
+              + "; minimal reference "
+              + ", ".join(f"{k} {v}" for k, v in r["minimal_overhead_over_paced_c1_p50_ms"].items()) + ".", "",
               "Server CPU per request − bare CPU per call at concurrency 1 (ms): "
               + ", ".join(f"{k} {v}" for k, v in r["overhead_c1_cpu_ms"].items()) + ".", "",
               "Mean time per request inside the server at concurrency 1, by stage (its own histogram, ms): "
@@ -296,8 +320,9 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [f"bare {k}" for k in r["bare"]] + [f"minimal {k}" for k in r["minimal"]] + list(r["server"])
-    rows = list(r["bare"].values()) + list(r["minimal"].values()) + list(r["server"].values())
+    names = ([f"bare {k}" for k in r["bare"]] + [f"paced bare {k}" for k in r["paced"]]
+             + [f"minimal {k}" for k in r["minimal"]] + list(r["server"]))
+    rows = [*r["bare"].values(), *r["paced"].values(), *r["minimal"].values(), *r["server"].values()]
     fig, ax = plt.subplots(figsize=(10, 4))
     xs = range(len(names))
     ax.bar([i - 0.2 for i in xs], [v["p50_ms"] for v in rows], 0.4, label="p50")

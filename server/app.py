@@ -15,16 +15,15 @@ import sys
 import tempfile
 import time
 from contextlib import asynccontextmanager
-from typing import Literal
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.responses import Response
 
 from server import errors
 from server.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
-from server.service import Service, Settings, now, predictions
+from server.service import Service, Settings, now, patch_mode, predictions
 
 log = logging.getLogger("repair.server")
 access_log = logging.getLogger("repair.access")
@@ -174,12 +173,11 @@ def create_app(bundle: str, *, device: str = "auto", token: str | None = None,
     app.state.worker = worker
     errors.install(app)
     app.add_middleware(ServiceMiddleware, service=service)
-    app.include_router(v2.router)
 
     # -- predict -------------------------------------------------------------------------------
 
-    @app.post("/predict")
-    async def predict(request: Request, patch: Literal["on", "off", "shadow"] = Query("on")):
+    async def predict(request: Request):
+        patch = patch_mode(request.query_params.get("patch"))
         served = service.served()
         t0 = now()
         ctype = request.headers.get("content-type", "")
@@ -207,6 +205,11 @@ def create_app(bundle: str, *, device: str = "auto", token: str | None = None,
         request.state.samples = len(result)
         request.state.patched = int(result.patched.sum())
         return json_response({"model_version": served.id, "predictions": predictions(served, result)})
+
+    # A plain Starlette route: the hot path skips FastAPI's per-request dependency solving (it
+    # needs none: the body is validated by `validate`, the query by `patch_mode`); the same
+    # exception handlers answer its errors.
+    app.add_route("/predict", predict, methods=["POST"])
 
     # -- rectification jobs --------------------------------------------------------------------
 
@@ -278,6 +281,9 @@ def create_app(bundle: str, *, device: str = "auto", token: str | None = None,
         content, ctype = await run_in_threadpool(service.metrics.render)
         return Response(content, media_type=ctype)
 
+    # After the service's own routes: a request is matched against the routes in order, and
+    # /predict, the hot one, should not first be tried against every v2 route.
+    app.include_router(v2.router)
     return app
 
 

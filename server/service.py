@@ -14,9 +14,9 @@ import torch
 from offline.worker import JobStore
 from repair.images import MAX_PIXELS
 from server.batching import MicroBatcher, Timing
-from server.errors import Forbidden, NotReady, PayloadTooLarge, Unauthorized
+from server.errors import Forbidden, NotReady, PayloadTooLarge, Unauthorized, Unprocessable
 from server.metrics import Metrics
-from server.runtime import BatchResult, ModelRuntime, Served
+from server.runtime import MODES, BatchResult, ModelRuntime, Served
 
 
 @dataclass
@@ -114,6 +114,14 @@ class Service:
                     if count:
                         m.patched_columns.labels(layer=str(layer)).inc(count)
         return result, timing
+
+
+def patch_mode(value: str | None) -> str:
+    """The ``patch`` query parameter (or v2 request parameter); ``on`` when absent."""
+    mode = value or "on"
+    if mode not in MODES:
+        raise Unprocessable(f"patch must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
 
 
 def predictions(served: Served, result: BatchResult) -> list[dict]:

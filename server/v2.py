@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from server.errors import NotFound, Unprocessable
-from server.service import now, predictions
+from server.service import now, patch_mode, predictions
 
 router = APIRouter(prefix="/v2")
 
@@ -187,9 +187,7 @@ async def _infer(request: Request, name: str, version: str | None):
     body = await read_json(request)
     x = _parse(svc, served, body)
     params = body.get("parameters") or {}
-    mode = request.query_params.get("patch") or (params.get("patch") if isinstance(params, dict) else None) or "on"
-    if mode not in ("on", "off", "shadow"):
-        raise Unprocessable(f"patch must be on, off or shadow, got {mode!r}")
+    mode = patch_mode(request.query_params.get("patch") or (params.get("patch") if isinstance(params, dict) else None))
     result, _ = await svc.infer(served, x, mode, "infer", now() - t0)
     preds = predictions(served, result)
     probs = result.probabilities

@@ -153,6 +153,9 @@ def test_bad_inputs_get_clear_4xx(server, reference):
                                    headers={"content-type": "application/json"}), 413, "limit"),
         ("too many images", post("/predict", json={"images": [b64png(x[0])] * 65}), 413, "65 samples"),
         ("bad patch mode", post("/predict?patch=maybe", json={"images": [b64png(x[0])]}), 422, "patch"),
+        ("bad v2 patch mode", post(f"/v2/models/{name}/infer", json={"parameters": {"patch": "maybe"}, "inputs": [
+            {"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32", "data": [0.5] * 256}]}), 422, "'maybe'"),
+        ("GET /predict", httpx.get(server.url + "/predict"), 405, "not allowed"),
         ("no token", post("/rectify", json={"clean": "a", "corrupt": "b"}), 401, "bearer"),
         ("wrong token", post("/rectify", json={"clean": "a", "corrupt": "b"},
                              headers={"Authorization": "Bearer wrong"}), 401, "wrong"),
