@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline.defects import Trigger, block_images, block_positions  # noqa: E402
 from offline.finetune_baseline import finetune_last_layer  # noqa: E402
-from offline.rectify import ANCHOR_SAMPLES, training_images  # noqa: E402
+from offline.rectify import ANCHOR_SAMPLES, VALIDATION_SAMPLES, training_images  # noqa: E402
 from offline.zoo import bundle_test_data, train_bundle  # noqa: E402
 from rectify_common import write_results  # noqa: E402
 from repair.bundle import Bundle  # noqa: E402
@@ -84,7 +84,7 @@ def spurious(rows, arch: str, cls: int, rate: float):
     model, layers, stats, x_train, y_train, weights = _prepare(version)
     square = Trigger.from_tensors(version.tensors("defect"))
     x_test, y_test = bundle_test_data(version)
-    pool = (y_train[:-500] == cls).nonzero().flatten()
+    pool = (y_train[:-VALIDATION_SAMPLES] == cls).nonzero().flatten()
     with torch.no_grad():
         p_clean = model(x_train[pool]).softmax(-1)
         p_corrupt = model(square.apply(x_train[pool])).softmax(-1)
@@ -98,7 +98,8 @@ def spurious(rows, arch: str, cls: int, rate: float):
         clean = x_train[order[:n]]
         corrupt, labels = square.apply(clean), y_train[order[:n]]
         for method, info in _methods(model, layers, stats, clean, corrupt, labels,
-                                     x_train[-500:], y_train[-500:], weights, x_train[:ANCHOR_SAMPLES]):
+                                     x_train[-VALIDATION_SAMPLES:], y_train[-VALIDATION_SAMPLES:], weights,
+                                     x_train[:ANCHOR_SAMPLES]):
             acc_clean = accuracy(model, x_test[zero], y_test[zero])
             acc_spur = accuracy(model, square.apply(x_test[zero]), y_test[zero])
             rows.append({"defect": "spurious", "n": n, "method": method,
@@ -136,7 +137,7 @@ def leakage(rows, arch: str):
     # null block is far from the training data (the ViT uses the block as a position cue:
     # 34 % of blanked training images are classified right), so keep the images still classified
     # right when blanked, the largest prediction gap first
-    pool = torch.arange(len(x_train) - 500)
+    pool = torch.arange(len(x_train) - VALIDATION_SAMPLES)
     with torch.no_grad():
         p_clean = model(blank[pool]).softmax(-1)
         p_corrupt = model(x_train[pool]).softmax(-1)
@@ -147,7 +148,8 @@ def leakage(rows, arch: str):
         idx = order[:n]
         clean, corrupt, labels = blank[idx], x_train[idx], y_train[idx]
         for method, info in _methods(model, layers, stats, clean, corrupt, labels,
-                                     x_train[-500:], y_train[-500:], weights, x_train[:ANCHOR_SAMPLES]):
+                                     x_train[-VALIDATION_SAMPLES:], y_train[-VALIDATION_SAMPLES:], weights,
+                                     x_train[:ANCHOR_SAMPLES]):
             rows.append({"defect": "leakage", "n": n, "method": method,
                          "oa": accuracy(model, x_test, y_test),
                          "leakage": leakage_measure(model, x_test[sub], y_test[sub], block_top[sub]),

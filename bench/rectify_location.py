@@ -125,7 +125,7 @@ def main():
            f"(each poisoned image carries the patch at one of {', '.join(LOCATIONS)}, in equal "
            f"shares), target class {setup.target}. Test split: {len(setup.data.y_test)} images; "
            "Γ = share of non-target test images classified as the target with the patch there. "
-           f"Budget ε = {a.budget} on the last 500 training images (validation split). Pairs: "
+           f"Budget ε = {a.budget} on the last {setup.validation} training images (validation split). Pairs: "
            "`rectify_common.Setup.pairs(1, trial)`, a seeded non-target training image outside "
            "the validation split, clean and with the patch at BR.", "",
            "Trigger: BadNets. The paper's Trojan is a masked blend (a logo mixed in at φ = 0.5 "

@@ -7,7 +7,7 @@ Configurations: repair off (``?patch=off``) and on (``?patch=on``, clean and tri
 at concurrency 1 and 32, against the bare model call (in-process ``model(x)`` /
 ``AtPatch(x, "on")`` on the already-decoded tensor, same thread count), back to back and paced
 (one call per server round trip, the core idle in between: on this VM that alone makes the
-forward about 1 ms slower than in a tight loop). Server overhead at concurrency 1 = server p50 −
+forward 0.6–1 ms slower than in a tight loop). Server overhead at concurrency 1 = server p50 −
 bare p50, reported over both. At concurrency 1 the same requests also go to
 ``bench/minimal_server.py`` (decode, forward and JSON with no service around them): its overhead
 is what this machine charges any Python HTTP server, the rest is the service's own.
