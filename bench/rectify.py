@@ -84,14 +84,17 @@ def main():
             summary[f"{method} n={n}"] = {k: sum(r[k] for r in sel) / len(sel)
                                           for k in sel[0] if k.startswith(("oa", "asr"))}
     command = " ".join(["python", "bench/rectify.py", *sys.argv[1:]])
-    name = f"rectify_{a.dataset}_{a.arch}" + (f"_val{a.validation}" if a.validation != VALIDATION_SAMPLES else "")
+    name = f"rectify_{a.dataset}_{a.arch}"
+    if a.validation != VALIDATION_SAMPLES:  # beside the default run's file, not over it
+        name += f"_val{a.validation}"
     md = [f"# Rectification, {a.dataset} {a.arch}, Blend φ=0.5 (target 0)", "",
           f"Command: `{command}` ({a.threads} CPU thread(s)). Zoo model trained on "
           f"{setup.version.manifest['dataset'].get('train_rows', 'all')} training images "
           f"for {setup.version.manifest['provenance'].get('epochs')} epochs"
           f"{f', evaluated on the first {a.max_test} test images' if a.max_test else ''}. "
           f"Base model: OA {setup.base['oa']:.4f}, "
-          f"ASR {setup.base['asr']:.4f}. Budget ε = {a.budget} on the last {a.validation} training images; n=1 averaged over {a.trials} "
+          f"ASR {setup.base['asr']:.4f}. Budget ε = {a.budget} on the last {a.validation} training images; "
+          f"n=1 averaged over {a.trials} "
           "pairs (one per trial), each larger n one run. OA drop in points of accuracy × 100.", "",
           "| method | OA | OA drop (pt) | ASR | ASR φ=0.3 | ASR φ=0.7 | ASR φ=1.0 |",
           "| --- | --- | --- | --- | --- | --- | --- |"]
