@@ -321,7 +321,7 @@ def plot(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = ([f"bare {k}" for k in r["bare"]] + [f"paced bare {k}" for k in r["paced"]]
-             + [f"minimal {k}" for k in r["minimal"]] + list(r["server"]))
+             + [f"minimal {k}" for k in r["minimal"]] + [f"server {k}" for k in r["server"]])
     rows = [*r["bare"].values(), *r["paced"].values(), *r["minimal"].values(), *r["server"].values()]
     fig, ax = plt.subplots(figsize=(10, 4))
     xs = range(len(names))
