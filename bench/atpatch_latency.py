@@ -12,13 +12,14 @@ and the same with the ``TargetClassGate`` of ``atpatch build --target-gate``:
                  target (one pass, Γ skipped)
   gated-patch    triggered inputs (a detecting pass, then the patched pass)
 
-    .venv/bin/python bench/atpatch_latency.py --bundle BUNDLE_WITH_DETECTOR [--reps 200]
-Writes bench/results/atpatch_latency.{json,md,png}.
+    .venv/bin/python bench/atpatch_latency.py --bundle BUNDLE_WITH_DETECTOR [--reps 200] [--device cpu|cuda]
+Writes bench/results/atpatch_latency.{json,md,png} (CPU) or atpatch_latency_cuda.* (``--device cuda``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import sys
 import time
@@ -32,6 +33,7 @@ from offline.datasets import load_dataset  # noqa: E402
 from offline.defects import Trigger  # noqa: E402
 from repair.atpatch.runtime import AtPatch, TargetClassGate  # noqa: E402
 from repair.bundle import Bundle  # noqa: E402
+from repair.cuda_graphs import GraphedForward  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -57,24 +59,24 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
     bad_ok = x_bad[atp(x_bad, "on").patched]
     gate = TargetClassGate(version.manifest["atpatch"]["inversion"]["target"])
     false_flags = x_clean[on.patched & (atp(x_clean, "off").logits.argmax(-1) != gate.target)]
-    results = {}
+    results, inputs = {}, {}
     for bs in (1, 64):
         xc, xb = clean_ok[:bs], bad_ok[:bs]
         if len(xc) < bs or len(xb) < bs or len(false_flags) == 0:
             continue
         xf = false_flags[torch.arange(bs) % len(false_flags)]  # few clean images are flagged: repeat them
 
-        def fused():
+        def fused(x=xc):
             with atp.bare(), torch.no_grad():
-                model(xc)
+                return model(x)
 
-        def eager():
+        def eager(x=xc):
             with atp.bare(), torch.no_grad():
                 fused_before = [m.fused_attn for m in atp.access.modules]
                 for m in atp.access.modules:
                     m.fused_attn = False
                 try:
-                    model(xc)
+                    return model(x)
                 finally:
                     for m, was in zip(atp.access.modules, fused_before):
                         m.fused_attn = was
@@ -90,18 +92,7 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
                 "on-clean": lambda: atp(xc, "on"), "on-patch": lambda: atp(xb, "on"),
                 "gated-clean": lambda: gated(xc), "gated-flagged": lambda: gated(xf),
                 "gated-patch": lambda: gated(xb)}
-        times = {k: [] for k in runs}
-        for _ in range(10):
-            for f in runs.values():
-                f()
-        for _ in range(reps):
-            for k, f in runs.items():
-                _sync(device)
-                t = time.perf_counter()
-                f()
-                _sync(device)
-                times[k].append(time.perf_counter() - t)
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        med = _medians_ms(runs, reps, device)
         results[f"batch{bs}"] = {
             "median_ms": {k: round(v, 4) for k, v in med.items()},
             "unpatched_overhead_vs_eager": round(med["on-clean"] / med["eager"] - 1, 4),
@@ -110,9 +101,55 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
                                         for k in ("clean", "flagged", "patch")},
             "eager_vs_fused": round(med["eager"] / med["fused"] - 1, 4),
         }
+        inputs[bs] = (xc, xb, fused, eager)
+    if device.type == "cuda":
+        graphed_runs(atp, inputs, results, reps, device)
     atp.remove()
     return {"device": str(device), "threads": threads, "reps": reps, "bundle": bundle,
             "version": version.id, "results": results}
+
+
+def _medians_ms(runs: dict, reps: int, device) -> dict:
+    """Median ms per call of each run, timed round-robin after 10 warm-up rounds."""
+    times = {k: [] for k in runs}
+    for _ in range(10):
+        for f in runs.values():
+            f()
+    for _ in range(reps):
+        for k, f in runs.items():
+            _sync(device)
+            t = time.perf_counter()
+            f()
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def graphed_runs(atp: AtPatch, inputs: dict, results: dict, reps: int, device) -> None:
+    """GPU: each forward replayed as one CUDA graph, the AtPatch hook step compiled, as the
+    server runs them (``server.runtime.Served.run``). After the eager runs: compiling changes
+    the hook for every later call."""
+    atp.compile_hot_path()
+    for bs, (xc, xb, fused, eager) in inputs.items():
+        def patch_fields(x):
+            r = atp(x, "on")
+            return r.logits, r.patched, r.flagged
+        g_fused = GraphedForward(lambda x: (fused(x),), bs)
+        g_eager = GraphedForward(lambda x: (eager(x),), bs)
+        g_off = GraphedForward(lambda x: (atp(x, "off").logits,), bs)
+        g_on = GraphedForward(patch_fields, bs)
+        same = all(torch.equal(a, b) for x in (xc, xb) for a, b in zip(g_on(x)[1:], patch_fields(x)[1:]))
+        med = _medians_ms({"fused": lambda: g_fused(xc), "eager": lambda: g_eager(xc), "off": lambda: g_off(xc),
+                           "on-clean": lambda: g_on(xc), "on-patch": lambda: g_on(xb)}, reps, device)
+        eager_ms = results[f"batch{bs}"]["median_ms"]["eager"]
+        results[f"batch{bs}"]["cuda_graphs"] = {
+            "median_ms": {k: round(v, 4) for k, v in med.items()},
+            "flags_match_eager_hooks": same,
+            "unpatched_overhead_vs_graphed_eager": round(med["on-clean"] / med["eager"] - 1, 4),
+            "patched_overhead_vs_graphed_eager": round(med["on-patch"] / med["eager"] - 1, 4),
+            "unpatched_vs_plain_eager": round(med["on-clean"] / eager_ms - 1, 4),
+            "patched_vs_plain_eager": round(med["on-patch"] / eager_ms - 1, 4),
+        }
 
 
 def main():
@@ -120,14 +157,19 @@ def main():
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--out", help="output path without suffix (default bench/results/atpatch_latency[_cuda])")
     args = ap.parse_args()
-    runs = [bench(args.bundle, args.reps, "cpu", args.threads)]
-    if torch.cuda.is_available():
-        runs.append(bench(args.bundle, args.reps, "cuda", args.threads))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available")
+    out = Path(args.out) if args.out else OUT / ("atpatch_latency" + ("_cuda" if args.device == "cuda" else ""))
+    runs = [bench(args.bundle, args.reps, args.device, args.threads)]
     command = "python bench/atpatch_latency.py " + " ".join(sys.argv[1:])
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "atpatch_latency.json").write_text(json.dumps({"command": command, "runs": runs}, indent=1))
-    lines = ["# AtPatch added latency", "", f"Command: `{command}`", "",
+    out.parent.mkdir(parents=True, exist_ok=True)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "device_name": device_name,
+                                                    "runs": runs}, indent=1))
+    lines = ["# AtPatch added latency", "", f"Command: `{command}`", "", f"Device: {device_name}", "",
              "| device | batch | fused ms | eager ms | off ms | on, unpatched ms | on, patched ms | "
              "unpatched vs eager | patched vs eager | eager vs fused |", "|" + "---|" * 10]
     gated = ["", "With the target-class gate (`atpatch build --target-gate`), over the eager forward:", "",
@@ -142,7 +184,21 @@ def main():
             gated.append(f"| {run['device']} | {name[5:]} | {g['clean']:+.1%} | {g['flagged']:+.1%} | "
                          f"{g['patch']:+.1%} |")
     lines += gated
-    (OUT / "atpatch_latency.md").write_text("\n".join(lines) + "\n")
+    graphed = [(run["device"], name[5:], r["cuda_graphs"]) for run in runs
+               for name, r in run["results"].items() if "cuda_graphs" in r]
+    if graphed:
+        lines += ["", "Each forward replayed as one CUDA graph, the AtPatch hook step compiled (as the server "
+                  "runs on a GPU):", "",
+                  "| device | batch | fused ms | eager ms | off ms | on, unpatched ms | on, patched ms | "
+                  "unpatched vs graphed eager | patched vs graphed eager | unpatched vs plain eager | "
+                  "patched vs plain eager | flags as eager hooks |", "|" + "---|" * 12]
+        for device, batch, g in graphed:
+            m = g["median_ms"]
+            lines.append(f"| {device} | {batch} | {m['fused']} | {m['eager']} | {m['off']} | {m['on-clean']} | "
+                         f"{m['on-patch']} | {g['unpatched_overhead_vs_graphed_eager']:+.1%} | "
+                         f"{g['patched_overhead_vs_graphed_eager']:+.1%} | {g['unpatched_vs_plain_eager']:+.1%} | "
+                         f"{g['patched_vs_plain_eager']:+.1%} | {g['flags_match_eager_hooks']} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +213,7 @@ def main():
         ax.set_ylabel("median ms / request")
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    fig.savefig(OUT / "atpatch_latency.png", dpi=90)
+    fig.savefig(out.with_suffix(".png"), dpi=90)
     print("\n".join(lines))
 
 

@@ -6,11 +6,15 @@ registering fake kernels for ``torchvision::nms`` / ``torchvision::qnms`` -- sch
 never defined. ``import timm`` (and transformers' vision models) import torchvision, so they fail.
 
 Defining those two schemas first lets the pure-Python parts of torchvision import; nothing here
-ever *runs* nms. Where the real operators load (a CUDA image), the schemas already exist and
-this is a no-op. Call :func:`ensure_torchvision_importable` before importing timm/transformers;
-``repair/__init__.py`` does it once for the whole package.
+ever *runs* nms. Where the real operators load (a CUDA image with a matching torch), they are
+loaded first, so the schemas exist and this is a no-op: defining them there would make
+torchvision's own registration abort the process. Call :func:`ensure_torchvision_importable`
+before importing timm/transformers; ``repair/__init__.py`` does it once for the whole package.
 """
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -34,9 +38,24 @@ def missing_ops() -> list[str]:
     return [name for name in _SCHEMAS if not _has_op(name)]
 
 
+def _load_compiled_ops() -> None:
+    """Load torchvision's compiled operators where they match this torch (without importing
+    torchvision): afterwards its schemas are registered exactly when they really work."""
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    for lib in Path(spec.submodule_search_locations[0]).glob("_C*.so"):
+        try:
+            torch.ops.load_library(str(lib))
+        except OSError:  # built against another torch: the schemas are defined below instead
+            pass
+
+
 def ensure_torchvision_importable() -> list[str]:
     """Define the missing schemas (if any) and return which ones were defined."""
     global _library
+    if missing_ops():
+        _load_compiled_ops()
     missing = missing_ops()
     if not missing:
         return []

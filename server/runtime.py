@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from repair.bundle import Bundle, BundleError, Version
+from repair.cuda_graphs import GraphedForward, bucket
 from repair.images import MAX_PIXELS, decode_image
 
 log = logging.getLogger("repair.server")
@@ -61,15 +62,11 @@ class BatchResult:
         return [[layer, token] for layer, token in self.flagged[i].nonzero().tolist()]
 
 
-def _bucket(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 class Served:
     """One loaded version: its model on the device, its AtPatch hooks, its preprocessing."""
 
     def __init__(self, version: Version, device: torch.device, max_batch_size: int = 32,
-                 warmup: bool = True):
+                 warmup: bool = True, cuda_graphs: bool = True):
         self.version = version
         self.id = version.id
         self.device = device
@@ -93,6 +90,7 @@ class Served:
             from repair.atpatch.runtime import AtPatch
 
             self.patcher = AtPatch.from_version(version, self.model)
+        self._graphed = self._graph_forwards(max_batch_size) if cuda_graphs else {}
         # Plain forward time per batch-size bucket: the reference for "added latency".
         self._plain_seconds: dict[int, float] = {}
         if warmup:
@@ -157,14 +155,38 @@ class Served:
 
     # -- predict -------------------------------------------------------------------------------
 
+    def run(self, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The model call on the device, ``on`` or ``off``: logits, and with a detector the
+        patched rows and flagged columns. Replayed from CUDA graphs where they were captured."""
+        graphed = self._graphed.get(mode if self.patcher is not None else "off")
+        if graphed is not None:
+            out = graphed(x)  # (logits,) without a detector, else (logits, patched, flagged)
+            return out if len(out) == 3 else (out[0], None, None)
+        if self.patcher is None:
+            return self.model(x), None, None
+        r = self.patcher(x, mode)
+        return r.logits, r.patched, r.flagged
+
+    def _graph_forwards(self, max_batch_size: int) -> dict:
+        """On a GPU, both modes as CUDA graphs (``repair.cuda_graphs``), the AtPatch hook step
+        compiled; not where a row gate reads a value per request (it cannot be captured)."""
+        if self.device.type != "cuda" or (self.patcher is not None and self.patcher.gate is not None):
+            return {}
+        if self.patcher is None:
+            return {"off": GraphedForward(lambda x: (self.model(x),), max_batch_size)}
+        self.patcher.compile_hot_path()
+
+        def forward(mode):
+            def fn(x):
+                r = self.patcher(x, mode)
+                return r.logits, r.patched, r.flagged
+            return GraphedForward(fn, max_batch_size)
+        return {mode: forward(mode) for mode in ("on", "off")}
+
     @torch.inference_mode()
     def _pass(self, x: torch.Tensor, mode: str) -> tuple[BatchResult, float]:
         started = time.perf_counter()
-        if self.patcher is None:
-            logits, patched, flagged = self.model(x), None, None
-        else:
-            r = self.patcher(x, mode)
-            logits, patched, flagged = r.logits, r.patched, r.flagged
+        logits, patched, flagged = self.run(x, mode)
         probs = torch.softmax(logits.float(), dim=-1).cpu()  # the one host sync of the batch
         n = len(probs)
         patched = torch.zeros(n, dtype=torch.bool) if patched is None or mode == "off" else patched.cpu()
@@ -190,12 +212,12 @@ class Served:
         return plain
 
     def _observe_plain(self, n: int, seconds: float) -> None:
-        b = _bucket(n)
+        b = bucket(n)
         old = self._plain_seconds.get(b)
         self._plain_seconds[b] = seconds if old is None else 0.9 * old + 0.1 * seconds
 
     def _plain(self, n: int) -> float:
-        b = _bucket(n)
+        b = bucket(n)
         if b in self._plain_seconds:
             return self._plain_seconds[b]
         known = sorted(self._plain_seconds)
@@ -210,8 +232,8 @@ class Served:
 
     def warm_up(self, max_batch_size: int) -> None:
         """First calls allocate and pick kernels; also calibrate the plain time per bucket."""
-        sizes = sorted({_bucket(n) for n in (1, max_batch_size)} | {1, 2, 4, 8, 16, 32} - {0})
-        sizes = [s for s in sizes if s <= max(1, _bucket(max_batch_size))]
+        sizes = sorted({bucket(n) for n in (1, max_batch_size)} | {1, 2, 4, 8, 16, 32} - {0})
+        sizes = [s for s in sizes if s <= max(1, bucket(max_batch_size))]
         for n in sizes:
             x = self.example(n).to(self.device)
             for mode in (("on", "off") if self.patcher else ("off",)):

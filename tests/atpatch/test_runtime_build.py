@@ -123,6 +123,26 @@ def test_a_flagged_column_stays_flagged_at_later_layers(patched):
     assert torch.equal(flagged[:, 1], flagged[:, 0]) and torch.equal(flagged[:, 2], flagged[:, 0])
 
 
+def test_the_gpu_hook_path_flags_and_answers_as_the_cpu_path(patched):
+    """On a GPU the hook decides with tensor ops only (no host read: capturable in a CUDA graph,
+    see ``repair.cuda_graphs``). Run here on the CPU, that path must give the CPU path's flags
+    and logits bit for bit, with and without a row gate."""
+    version, _, atp = patched
+    data = load_dataset("digits")
+    x = torch.cat([data.x_test[:48], Trigger.from_tensors(version.tensors("defect")).apply(data.x_test[:48])])
+    for gate in (None, TargetClassGate(version.manifest["defect"]["target_class"])):
+        atp.gate = gate
+        try:
+            cpu_path = atp(x, "on")
+            atp.tensor_only = True
+            tensor_path = atp(x, "on")
+        finally:
+            atp.gate, atp.tensor_only = None, False
+        assert cpu_path.patched[48:].float().mean() > 0.9 and not cpu_path.patched[:48].all()
+        assert torch.equal(tensor_path.flagged, cpu_path.flagged)
+        assert torch.equal(tensor_path.logits, cpu_path.logits)
+
+
 def test_build_warns_when_the_patch_misses_the_defect_or_costs_accuracy():
     ok = {"defect_metric": 0.0, "accuracy": 0.97}
     assert _warnings("backdoor", {"defect_metric": 1.0, "accuracy": 0.97}, ok) == []

@@ -134,3 +134,23 @@ def test_batched_forward_equals_unbatched(digits_data, tmp_path):
     single = torch.cat([served.forward(x[i:i + 1], "on").probabilities for i in range(16)])
     assert torch.equal(batch.argmax(-1), single.argmax(-1))
     assert torch.allclose(batch, single, atol=1e-6, rtol=0)
+
+
+def test_graphed_forward_pads_to_buckets_chunks_large_batches_and_slices_back():
+    """The CUDA-graph wrapper's batching, run eagerly (capture=False) so it runs on the CPU:
+    each call sees a power-of-two batch of at most ``max_batch``, answers match the plain call."""
+    from repair.cuda_graphs import GraphedForward
+
+    seen = []
+
+    def fn(x):
+        seen.append(len(x))
+        return x.flatten(1).sum(1) * 2, x.amax(dim=(1, 2))
+
+    graphed = GraphedForward(fn, max_batch=16, capture=False)
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 5, 16, 37):
+        x = torch.rand(n, 3, 4, generator=g)
+        total, peak = graphed(x)
+        assert torch.equal(total, x.flatten(1).sum(1) * 2) and torch.equal(peak, x.amax(dim=(1, 2)))
+    assert seen == [1, 8, 16, 16, 16, 8]
