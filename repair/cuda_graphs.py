@@ -1,10 +1,10 @@
 """Replay a whole forward pass as a CUDA graph: the launch cost of a small model, paid once.
 
 A transformer this size is launch-bound on a GPU: on an H100 the eager forward of the digits ViT
-takes ~2.6 ms at batch 1 or 64, nearly all of it the host queuing small kernels, while the
-same kernels replayed from a graph take ~0.25 ms. AtPatch's hooks add a few dozen more kernels
-per hooked layer, so eager they add ~30 %; replayed (and compiled), only their GPU time
-(``bench/results/atpatch_latency_cuda.md``). AtPatch can be captured because on a GPU its hooks
+takes 1.4–2.7 ms at batch 1 or 64 (depending on the host CPU), nearly all of it the host
+queuing small kernels, while the same kernels replayed from a graph take 0.2–0.26 ms. AtPatch's
+hooks add a few dozen more kernels per hooked layer, so eager they add 27–42 %; replayed (and
+compiled), 7–8 % (``bench/results/atpatch_latency_cuda.md``). AtPatch can be captured because on a GPU its hooks
 decide with tensor ops and never read a value back (``repair.atpatch.runtime``); a row gate
 reads one value per request, so gated versions run eager.
 

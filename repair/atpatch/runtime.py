@@ -27,6 +27,7 @@ docstring gives its numbers and its cost.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -248,10 +249,12 @@ class AtPatch:
         return out
 
     def _device_step(self, attn: torch.Tensor, layer: int, carried: torch.Tensor | None,
-                     rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     rows: torch.Tensor | None, fusable: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The hook on a GPU, tensor ops only (no value read back): flags (Eq. 6 and 9, earlier
-        layers' flags carried, the gate's rows) and Γ (Eq. 11; unflagged samples untouched)."""
-        flags = self.detector.logits_from_heads(attn, layer) > self._tau_logit[layer]
+        layers' flags carried, the gate's rows) and Γ (Eq. 11; unflagged samples untouched).
+        ``fusable``: the Detector written for torch.compile (eager, its matrix products are fewer kernels)."""
+        detector_logits = self.detector.logits_fusable if fusable else self.detector.logits_from_heads
+        flags = detector_logits(attn, layer) > self._tau_logit[layer]
         if carried is not None:
             flags = flags | carried
         if rows is not None:
@@ -261,10 +264,10 @@ class AtPatch:
         return flags, redistribute(attn, flags, self._benign[layer], rescale=self.rescale)
 
     def compile_hot_path(self) -> None:
-        """torch.compile the GPU hook step: its ~30 small kernels per layer fuse into a few. On an
+        """torch.compile the GPU hook step: its ~30 small kernels per layer fuse into eight. On an
         H100, with every forward a CUDA graph, the unpatched request's overhead over the graphed
-        eager forward fell from +27 / +40 % (batch 1 / 64, a scratch run) to +9 / +13 %
-        (``bench/results/atpatch_latency_cuda.md``). One compilation per layer and
+        eager forward: +27 / +40 % uncompiled (batch 1 / 64, a scratch run), compiled
+        ``bench/results/atpatch_latency_cuda.md``. One compilation per layer and
         batch size, a few seconds each, paid at warm-up (42 s for the digits ViT's six batch
         sizes on an H100). GPU only: the CPU path reads values."""
         # Each served version x layer x batch size is its own entry (hot swaps add versions);
@@ -272,7 +275,7 @@ class AtPatch:
         cfg = torch._dynamo.config
         cfg.recompile_limit = max(cfg.recompile_limit, 1024)
         cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4096)
-        self._step = torch.compile(self._device_step, dynamic=False)
+        self._step = torch.compile(functools.partial(self._device_step, fusable=True), dynamic=False)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, mode: str = "on") -> PatchResult:

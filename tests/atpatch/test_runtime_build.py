@@ -1,6 +1,8 @@
 """AtPatch end to end on the shared digits BadNets ViT: build, runtime contract, bad input."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -128,6 +130,10 @@ def test_the_gpu_hook_path_flags_and_answers_as_the_cpu_path(patched):
     see ``repair.cuda_graphs``). Run here on the CPU, that path must give the CPU path's flags
     and logits bit for bit, with and without a row gate."""
     version, _, atp = patched
+    maps = torch.softmax(3 * torch.randn(16, 4, 17, 17, generator=torch.Generator().manual_seed(0)), -1)
+    for layer in range(3):  # the GPU step's formulation of the Detector (what torch.compile fuses)
+        torch.testing.assert_close(atp.detector.logits_fusable(maps, layer),
+                                   atp.detector.logits_from_heads(maps, layer), rtol=1e-5, atol=1e-5)
     data = load_dataset("digits")
     x = torch.cat([data.x_test[:48], Trigger.from_tensors(version.tensors("defect")).apply(data.x_test[:48])])
     for gate in (None, TargetClassGate(version.manifest["defect"]["target_class"])):
@@ -135,12 +141,15 @@ def test_the_gpu_hook_path_flags_and_answers_as_the_cpu_path(patched):
         try:
             cpu_path = atp(x, "on")
             atp.tensor_only = True
-            tensor_path = atp(x, "on")
+            tensor_paths = [atp(x, "on")]
+            atp._step = functools.partial(atp._device_step, fusable=True)  # what compile_hot_path compiles
+            tensor_paths.append(atp(x, "on"))
         finally:
-            atp.gate, atp.tensor_only = None, False
+            atp.gate, atp.tensor_only, atp._step = None, False, atp._device_step
         assert cpu_path.patched[48:].float().mean() > 0.9 and not cpu_path.patched[:48].all()
-        assert torch.equal(tensor_path.flagged, cpu_path.flagged)
-        assert torch.equal(tensor_path.logits, cpu_path.logits)
+        for tensor_path in tensor_paths:
+            assert torch.equal(tensor_path.flagged, cpu_path.flagged)
+            assert torch.equal(tensor_path.logits, cpu_path.logits)
 
 
 def test_build_warns_when_the_patch_misses_the_defect_or_costs_accuracy():
