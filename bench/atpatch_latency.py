@@ -129,7 +129,8 @@ def graphed_runs(atp: AtPatch, inputs: dict, results: dict, reps: int, device) -
     """GPU: each forward replayed as one CUDA graph, the AtPatch hook step compiled, as the
     server runs them (``server.runtime.Served.run``). After the eager runs: compiling changes
     the hook for every later call."""
-    atp.compile_hot_path()
+    if not atp.compile_hot_path(next(iter(inputs.values()))[0]):
+        sys.exit("compiling the AtPatch hook step failed (see the warning above)")
     for bs, (xc, xb, fused, eager) in inputs.items():
         def patch_fields(x):
             r = atp(x, "on")

@@ -93,6 +93,7 @@ class Served:
         self._graphed = self._graph_forwards(max_batch_size) if cuda_graphs else {}
         # Plain forward time per batch-size bucket: the reference for "added latency".
         self._plain_seconds: dict[int, float] = {}
+        self.warm = warmup
         if warmup:
             self.warm_up(max_batch_size)
 
@@ -174,7 +175,7 @@ class Served:
             return {}
         if self.patcher is None:
             return {"off": GraphedForward(lambda x: (self.model(x),), max_batch_size)}
-        self.patcher.compile_hot_path()
+        self.patcher.compile_hot_path(self.example(1).to(self.device))
 
         def forward(mode):
             def fn(x):
@@ -302,7 +303,9 @@ class ModelRuntime:
             if self._failed == current:
                 return False
             try:
-                new = self._others.pop(current, None) or Served(
+                cached = self._others.pop(current, None)
+                # one loaded on request only (cold, no CUDA graphs) is loaded afresh to be served
+                new = cached if cached is not None and cached.warm else Served(
                     self.bundle.version(current), self.device, self.max_batch_size)
             except Exception:
                 self._failed = current
@@ -333,8 +336,10 @@ class ModelRuntime:
             if version_id in self._others:
                 self._others.move_to_end(version_id)
                 return self._others[version_id]
+            # served on request only: no warm-up, and no CUDA graphs (capturing them compiles for
+            # seconds per batch size, which would stall the request that loads it)
             other = Served(self.bundle.version(version_id), self.device, self.max_batch_size,
-                           warmup=False)
+                           warmup=False, cuda_graphs=False)
             self._remember(other)
             return other
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -263,19 +264,29 @@ class AtPatch:
             return flags, None
         return flags, redistribute(attn, flags, self._benign[layer], rescale=self.rescale)
 
-    def compile_hot_path(self) -> None:
+    def compile_hot_path(self, example: torch.Tensor) -> bool:
         """torch.compile the GPU hook step: its ~30 small kernels per layer fuse into eight. On an
         H100, with every forward a CUDA graph, the unpatched request's overhead over the graphed
         eager forward: +27 / +40 % uncompiled (batch 1 / 64, a scratch run), compiled
         ``bench/results/atpatch_latency_cuda.md``. One compilation per layer and
         batch size, a few seconds each, paid at warm-up (42 s for the digits ViT's six batch
-        sizes on an H100). GPU only: the CPU path reads values."""
+        sizes on an H100). GPU only: the CPU path reads values.
+
+        Compiles on ``example`` at once; where that fails (Triton needs a C compiler, which a slim
+        image may lack) the step stays uncompiled and this returns False."""
         # Each served version x layer x batch size is its own entry (hot swaps add versions);
         # past the limit torch.compile would silently run the step uncompiled.
         cfg = torch._dynamo.config
         cfg.recompile_limit = max(cfg.recompile_limit, 1024)
         cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4096)
         self._step = torch.compile(functools.partial(self._device_step, fusable=True), dynamic=False)
+        try:
+            self(example, "on")
+        except Exception as err:  # noqa: BLE001 - any compiler failure: run uncompiled, correctly
+            warnings.warn(f"AtPatch: compiling the GPU hook step failed, it runs uncompiled: {err}")
+            self._step = self._device_step
+            return False
+        return True
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, mode: str = "on") -> PatchResult:

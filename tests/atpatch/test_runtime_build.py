@@ -152,6 +152,28 @@ def test_the_gpu_hook_path_flags_and_answers_as_the_cpu_path(patched):
             assert torch.equal(tensor_path.logits, cpu_path.logits)
 
 
+def test_a_hook_step_that_fails_to_compile_runs_uncompiled(patched, monkeypatch):
+    """Triton needs a C compiler at run time; where compiling fails the GPU step runs as it is."""
+    _, _, atp = patched
+    x = load_dataset("digits").x_test[:4]
+
+    def broken(fn, **options):
+        def compiled(*args, **kwargs):
+            raise RuntimeError("no C compiler")
+        return compiled
+
+    expected = atp(x, "on")
+    monkeypatch.setattr(torch, "compile", broken)
+    atp.tensor_only = True
+    try:
+        with pytest.warns(UserWarning, match="runs uncompiled: no C compiler"):
+            assert atp.compile_hot_path(x) is False
+        assert atp._step == atp._device_step
+        assert torch.equal(atp(x, "on").logits, expected.logits)
+    finally:
+        atp.tensor_only, atp._step = False, atp._device_step
+
+
 def test_build_warns_when_the_patch_misses_the_defect_or_costs_accuracy():
     ok = {"defect_metric": 0.0, "accuracy": 0.97}
     assert _warnings("backdoor", {"defect_metric": 1.0, "accuracy": 0.97}, ok) == []

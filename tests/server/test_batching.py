@@ -154,3 +154,26 @@ def test_graphed_forward_pads_to_buckets_chunks_large_batches_and_slices_back():
         total, peak = graphed(x)
         assert torch.equal(total, x.flatten(1).sum(1) * 2) and torch.equal(peak, x.amax(dim=(1, 2)))
     assert seen == [1, 8, 16, 16, 16, 8]
+
+
+def test_a_version_loaded_on_request_is_loaded_warm_once_it_becomes_current(tmp_path):
+    """``/versions/{v}`` loads a version cold (no warm-up, no CUDA graphs); when CURRENT later
+    points at it, the runtime serves a freshly warmed copy, not the cold one."""
+    from repair.bundle import Bundle, state_dict_for_saving
+    from repair.models import build_model
+    from server.runtime import ModelRuntime
+
+    spec = {"arch": "vit", "img_size": 16, "in_chans": 1, "num_classes": 10, "patch_size": 4,
+            "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}
+    bundle = Bundle(tmp_path / "b")
+    manifest = {"kind": "vision", "architecture": spec, "labels": [str(i) for i in range(10)],
+                "preprocessing": {"kind": "image", "channels": 1, "height": 16, "width": 16}}
+    first = bundle.write_version(manifest, {"model": state_dict_for_saving(build_model(spec))}).id
+    bundle.write_version(manifest, {"model": state_dict_for_saving(build_model(spec))})
+    runtime = ModelRuntime(bundle.root, device="cpu", max_batch_size=4)
+    assert runtime.refresh() and runtime.served.id != first and runtime.served.warm
+    cold = runtime.get(first)
+    assert cold.id == first and not cold.warm and runtime.get(first) is cold
+    bundle.activate(first)
+    assert runtime.refresh()
+    assert runtime.served.id == first and runtime.served.warm and runtime.served is not cold
