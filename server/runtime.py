@@ -110,10 +110,10 @@ class Served:
     def has_patch(self) -> bool:
         return self.patcher is not None
 
-    def describe(self) -> dict:
-        return {"version": self.id, "kind": self.kind, "labels": self.labels,
-                "device": str(self.device), "atpatch": self.has_patch,
-                "input_shape": list(self.shape)}
+    @property
+    def cuda_graph_modes(self) -> list[str]:
+        """The modes replayed from CUDA graphs (none on the CPU)."""
+        return sorted(self._graphed)
 
     # -- preprocess ----------------------------------------------------------------------------
 
@@ -302,6 +302,7 @@ class ModelRuntime:
                 return False
             if self._failed == current:
                 return False
+            started = time.perf_counter()
             try:
                 cached = self._others.pop(current, None)
                 # one loaded on request only (cold, no CUDA graphs) is loaded afresh to be served
@@ -315,7 +316,8 @@ class ModelRuntime:
                 self._remember(old)
             log.info(json_line(event="version_served", version=new.id,
                                previous=old.id if old else None, device=str(self.device),
-                               atpatch=new.has_patch))
+                               atpatch=new.has_patch, cuda_graphs=new.cuda_graph_modes,
+                               load_seconds=round(time.perf_counter() - started, 2)))
         if self.on_swap is not None:
             self.on_swap(new.id, old.id if old else None)
         return True
