@@ -140,8 +140,9 @@ def graphed_runs(atp: AtPatch, inputs: dict, results: dict, reps: int, device) -
         g_off = GraphedForward(lambda x: (atp(x, "off").logits,), bs)
         g_on = GraphedForward(patch_fields, bs)
         same = all(torch.equal(a, b) for x in (xc, xb) for a, b in zip(g_on(x)[1:], patch_fields(x)[1:]))
-        med = _medians_ms({"fused": lambda: g_fused(xc), "eager": lambda: g_eager(xc), "off": lambda: g_off(xc),
-                           "on-clean": lambda: g_on(xc), "on-patch": lambda: g_on(xb)}, reps, device)
+        med = _medians_ms({"fused": lambda: g_fused(xc), "eager": lambda: g_eager(xc),
+                           "off": lambda: g_off(xc), "on-clean": lambda: g_on(xc),
+                           "on-patch": lambda: g_on(xb)}, reps, device)
         eager_ms = results[f"batch{bs}"]["median_ms"]["eager"]
         results[f"batch{bs}"]["cuda_graphs"] = {
             "median_ms": {k: round(v, 4) for k, v in med.items()},
@@ -163,11 +164,13 @@ def main():
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available")
-    out = Path(args.out) if args.out else OUT / ("atpatch_latency" + ("_cuda" if args.device == "cuda" else ""))
+    default_name = "atpatch_latency" + ("_cuda" if args.device == "cuda" else "")
+    out = Path(args.out) if args.out else OUT / default_name
     runs = [bench(args.bundle, args.reps, args.device, args.threads)]
     command = "python bench/atpatch_latency.py " + " ".join(sys.argv[1:])
     out.parent.mkdir(parents=True, exist_ok=True)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    device_name = (torch.cuda.get_device_name() if args.device == "cuda"
+                   else platform.processor() or platform.machine())
     out.with_suffix(".json").write_text(json.dumps({"command": command, "device_name": device_name,
                                                     "runs": runs}, indent=1))
     lines = ["# AtPatch added latency", "", f"Command: `{command}`", "", f"Device: {device_name}", "",

@@ -4,9 +4,9 @@ A transformer this size is launch-bound on a GPU: on an H100 the eager forward o
 takes 1.4–2.7 ms at batch 1 or 64 (depending on the host CPU), nearly all of it the host
 queuing small kernels, while the same kernels replayed from a graph take 0.2–0.26 ms. AtPatch's
 hooks add a few dozen more kernels per hooked layer, so eager they add 27–42 %; replayed (and
-compiled), 7–8 % (``bench/results/atpatch_latency_cuda.md``). AtPatch can be captured because on a GPU its hooks
-decide with tensor ops and never read a value back (``repair.atpatch.runtime``); a row gate
-reads one value per request, so gated versions run eager.
+compiled), 7–8 % (``bench/results/atpatch_latency_cuda.md``). AtPatch can be captured because
+on a GPU its hooks decide with tensor ops and never read a value back
+(``repair.atpatch.runtime``); a row gate reads one value per request, so gated versions run eager.
 
 One graph per batch-size bucket (powers of two up to ``max_batch``), captured on first use;
 a batch is padded up to its bucket and the outputs sliced back, a larger one runs in chunks:

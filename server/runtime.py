@@ -156,7 +156,8 @@ class Served:
 
     # -- predict -------------------------------------------------------------------------------
 
-    def run(self, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def run(self, x: torch.Tensor,
+            mode: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The model call on the device, ``on`` or ``off``: logits, and with a detector the
         patched rows and flagged columns. Replayed from CUDA graphs where they were captured."""
         graphed = self._graphed.get(mode if self.patcher is not None else "off")

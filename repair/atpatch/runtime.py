@@ -250,10 +250,12 @@ class AtPatch:
         return out
 
     def _device_step(self, attn: torch.Tensor, layer: int, carried: torch.Tensor | None,
-                     rows: torch.Tensor | None, fusable: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     rows: torch.Tensor | None,
+                     fusable: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The hook on a GPU, tensor ops only (no value read back): flags (Eq. 6 and 9, earlier
         layers' flags carried, the gate's rows) and Γ (Eq. 11; unflagged samples untouched).
-        ``fusable``: the Detector written for torch.compile (eager, its matrix products are fewer kernels)."""
+        ``fusable``: the Detector written for torch.compile (eager, the matrix-product form
+        launches fewer kernels)."""
         detector_logits = self.detector.logits_fusable if fusable else self.detector.logits_from_heads
         flags = detector_logits(attn, layer) > self._tau_logit[layer]
         if carried is not None:
