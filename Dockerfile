@@ -40,6 +40,16 @@ ENV REPAIR_PROXY_HOME=/opt/repair-proxy
 RUN python -c "from offline.demo import demo_bundle; print(demo_bundle(progress=False))"
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
+ARG TORCH_VARIANT=cpu
+# CUDA images only: torch.compile of the AtPatch hook step (repair/atpatch/runtime.py) runs
+# Triton, which builds its kernel launcher with a C compiler at run time; without one the step
+# runs uncompiled (slower). The CPU image never compiles, so it stays without.
+# hadolint ignore=DL3008
+RUN if [ "${TORCH_VARIANT}" != "cpu" ]; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends gcc libc6-dev \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 RUN groupadd --system --gid 10001 repair \
  && useradd --system --uid 10001 --gid repair --create-home --home-dir /home/repair repair \
  && mkdir -p /data/bundle \
