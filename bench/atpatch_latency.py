@@ -154,6 +154,28 @@ def graphed_runs(atp: AtPatch, inputs: dict, results: dict, reps: int, device) -
         }
 
 
+def plot(run: dict, path: Path) -> None:
+    """Median ms per variant and batch size; on CUDA a second row: the same forwards graphed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("median_ms", "")] + ([("cuda_graphs", "CUDA graphs, ")]
+                                  if any("cuda_graphs" in r for r in run["results"].values()) else [])
+    fig, axes = plt.subplots(len(rows), len(run["results"]), figsize=(10, 4 * len(rows)), squeeze=False)
+    for row, (key, label) in zip(axes, rows):
+        for ax, (name, r) in zip(row, run["results"].items()):
+            medians = r[key] if key == "median_ms" else r[key]["median_ms"]
+            ax.bar(list(medians), list(medians.values()),
+                   color=["#888", "#48c", "#4a8", "#ca4", "#c44", "#ca4", "#a8c", "#c44"][:len(medians)])
+            ax.set_title(f"{run['device']} {name}, {label}median of {run['reps']}")
+            ax.set_ylabel("ms / request")
+            ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", required=True)
@@ -203,21 +225,7 @@ def main():
                          f"{g['patched_overhead_vs_graphed_eager']:+.1%} | {g['unpatched_vs_plain_eager']:+.1%} | "
                          f"{g['patched_vs_plain_eager']:+.1%} | {g['flags_match_eager_hooks']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(runs[0]["results"]), figsize=(10, 4), squeeze=False)
-    for ax, (name, r) in zip(axes[0], runs[0]["results"].items()):
-        keys = list(r["median_ms"])
-        ax.bar(keys, [r["median_ms"][k] for k in keys],
-               color=["#888", "#48c", "#4a8", "#ca4", "#c44", "#ca4", "#a8c", "#c44"])
-        ax.set_title(f"{runs[0]['device']} {name}")
-        ax.set_ylabel("median ms / request")
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=90)
+    plot(runs[0], out.with_suffix(".png"))
     print("\n".join(lines))
 
 
