@@ -5,7 +5,9 @@ At layer ``l`` the hook reads the map, the Detector flags columns (Eq. 6, 9), Γ
 masked variant chosen for the bundle's defect) patches the map in place, and the forward goes
 on, so layer ``l + 1`` already sees the patched state. Decisions are tensor ops: on a GPU nothing
 is read back per layer (``torch.where`` keeps unflagged samples bit-for-bit); on the CPU, where
-reading a flag is not a device sync, layers with nothing flagged skip Γ altogether.
+reading a flag is not a device sync, layers with nothing flagged skip Γ altogether. So a GPU
+forward can be captured whole: the server replays it as a CUDA graph with the hook step compiled
+(``compile_hot_path``, ``repair.cuda_graphs``).
 
 A column the Detector flags at one layer stays flagged at every later layer it runs on (for that
 sample). Why: a token keeps its identity through the residual stream, and once layer ``l`` is
@@ -269,8 +271,8 @@ class AtPatch:
     def compile_hot_path(self, example: torch.Tensor) -> bool:
         """torch.compile the GPU hook step: its ~30 small kernels per layer fuse into eight. On an
         H100, with every forward a CUDA graph, the unpatched request's overhead over the graphed
-        eager forward: +27 / +40 % uncompiled (batch 1 / 64, a scratch run), compiled
-        ``bench/results/atpatch_latency_cuda.md``. One compilation per layer and
+        eager forward (batch 1 / 64) is +27 / +40 % uncompiled (a scratch run) and +6.8 / +8.1 %
+        compiled (``bench/results/atpatch_latency_cuda.md``). One compilation per layer and
         batch size, a few seconds each, paid at warm-up (42 s for the digits ViT's six batch
         sizes on an H100). GPU only: the CPU path reads values.
 
