@@ -36,6 +36,7 @@ from repair.bundle import Bundle  # noqa: E402
 from repair.cuda_graphs import GraphedForward  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
+BLOCKS = 5  # the rounds are also reported in this many consecutive blocks (the machine drifts)
 
 
 def _sync(device):
@@ -92,11 +93,14 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
                 "on-clean": lambda: atp(xc, "on"), "on-patch": lambda: atp(xb, "on"),
                 "gated-clean": lambda: gated(xc), "gated-flagged": lambda: gated(xf),
                 "gated-patch": lambda: gated(xb)}
-        med = _medians_ms(runs, reps, device)
+        times = _timings(runs, reps, device)
+        med = _medians_ms(times)
         results[f"batch{bs}"] = {
             "median_ms": {k: round(v, 4) for k, v in med.items()},
             "unpatched_overhead_vs_eager": round(med["on-clean"] / med["eager"] - 1, 4),
             "patched_overhead_vs_eager": round(med["on-patch"] / med["eager"] - 1, 4),
+            "unpatched_overhead_by_block": _block_overheads(times, "on-clean"),
+            "patched_overhead_by_block": _block_overheads(times, "on-patch"),
             "gated_overhead_vs_eager": {k: round(med[f"gated-{k}"] / med["eager"] - 1, 4)
                                         for k in ("clean", "flagged", "patch")},
             "eager_vs_fused": round(med["eager"] / med["fused"] - 1, 4),
@@ -109,8 +113,8 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
             "version": version.id, "results": results}
 
 
-def _medians_ms(runs: dict, reps: int, device) -> dict:
-    """Median ms per call of each run, timed round-robin after 10 warm-up rounds."""
+def _timings(runs: dict, reps: int, device) -> dict[str, list[float]]:
+    """Seconds per call of each run, timed round-robin after 10 warm-up rounds."""
     times = {k: [] for k in runs}
     for _ in range(10):
         for f in runs.values():
@@ -122,7 +126,20 @@ def _medians_ms(runs: dict, reps: int, device) -> dict:
             f()
             _sync(device)
             times[k].append(time.perf_counter() - t)
+    return times
+
+
+def _medians_ms(times: dict[str, list[float]]) -> dict[str, float]:
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def _block_overheads(times: dict[str, list[float]], variant: str, blocks: int = BLOCKS) -> list[float]:
+    """``variant`` over the eager forward (ratio of medians − 1) in each of ``blocks`` consecutive
+    slices of the rounds: how far the overhead swings with the machine within one run."""
+    size = len(times["eager"]) // blocks
+    cut = [slice(i * size, (i + 1) * size) for i in range(blocks)]
+    return [round(statistics.median(times[variant][c]) / statistics.median(times["eager"][c]) - 1, 4)
+            for c in cut]
 
 
 def graphed_runs(atp: AtPatch, inputs: dict, results: dict, reps: int, device) -> None:
@@ -140,9 +157,9 @@ def graphed_runs(atp: AtPatch, inputs: dict, results: dict, reps: int, device) -
         g_off = GraphedForward(lambda x: (atp(x, "off").logits,), bs)
         g_on = GraphedForward(patch_fields, bs)
         same = all(torch.equal(a, b) for x in (xc, xb) for a, b in zip(g_on(x)[1:], patch_fields(x)[1:]))
-        med = _medians_ms({"fused": lambda: g_fused(xc), "eager": lambda: g_eager(xc),
-                           "off": lambda: g_off(xc), "on-clean": lambda: g_on(xc),
-                           "on-patch": lambda: g_on(xb)}, reps, device)
+        med = _medians_ms(_timings({"fused": lambda: g_fused(xc), "eager": lambda: g_eager(xc),
+                                    "off": lambda: g_off(xc), "on-clean": lambda: g_on(xc),
+                                    "on-patch": lambda: g_on(xb)}, reps, device))
         eager_ms = results[f"batch{bs}"]["median_ms"]["eager"]
         results[f"batch{bs}"]["cuda_graphs"] = {
             "median_ms": {k: round(v, 4) for k, v in med.items()},
@@ -209,6 +226,14 @@ def main():
                          f"{r['patched_overhead_vs_eager']:+.1%} | {r['eager_vs_fused']:+.1%} |")
             gated.append(f"| {run['device']} | {name[5:]} | {g['clean']:+.1%} | {g['flagged']:+.1%} | "
                          f"{g['patch']:+.1%} |")
+    lines += ["", f"Overhead over the eager forward in each of {BLOCKS} consecutive blocks of the rounds "
+              "(the spread is the machine's, within this one run):", "",
+              "| device | batch | unpatched by block | patched by block |", "|---|---|---|---|"]
+    for run in runs:
+        for name, r in run["results"].items():
+            lines.append(f"| {run['device']} | {name[5:]} | "
+                         + " | ".join(" ".join(f"{v:+.1%}" for v in r[f"{kind}_overhead_by_block"])
+                                      for kind in ("unpatched", "patched")) + " |")
     lines += gated
     graphed = [(run["device"], name[5:], r["cuda_graphs"]) for run in runs
                for name, r in run["results"].items() if "cuda_graphs" in r]
