@@ -148,7 +148,12 @@ class Detector(nn.Module):
     def logits_from_heads(self, attn: torch.Tensor, layer: int) -> torch.Tensor:
         """Logits ``(B, N)`` from the per-head map ``(B, H, Nq, N)`` (after ``prepare``): the same
         function as ``forward(attn.mean(1))``, with the convolutions as matrix products on
-        ``(B·N, features)`` rows (measured: a third faster than ``conv1d`` at batch 64)."""
+        ``(B·N, features)`` rows (measured: a third faster than ``conv1d`` at batch 64).
+
+        On the CPU its ~20 ops cost 2-3x more inside the forward than back to back (cold between
+        the model's own ops). Timed there against this form and not kept: fewer ops (sums with
+        the scales folded into the weights, fused addmm + ReLU, addmv) −5 %; NumPy: no faster;
+        torch.compile: slower (``README.md``, AtPatch added latency)."""
         f = self._fast
         prof = self._column_profile(attn, layer)                                       # (B, N, 4)
         b, n = prof.shape[:2]
