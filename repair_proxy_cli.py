@@ -59,7 +59,8 @@ def _rectify(a):
     from offline.rectify import rectify_from_files
 
     result = rectify_from_files(a.bundle, clean=a.clean, corrupt=a.corrupt, label=a.label,
-                                budget=a.budget, gap=a.gap, static=a.static, layer=a.layer)
+                                budget=a.budget, gap=a.gap, static=a.static, layer=a.layer,
+                                validation=a.validation)
     print(json.dumps(result))
 
 
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int)
     p.add_argument("--budget", type=float, default=0.01, help="ε: tolerated validation accuracy drop")
     p.add_argument("--gap", type=float, default=0.001, help="δ: target gap")
+    p.add_argument("--validation", type=int, default=500,
+                   help="check ε on this many of the last training images (2000 on large data sets)")
     p.add_argument("--static", action="store_true", help="edit one fixed layer (the last)")
     p.add_argument("--layer", help="edit this layer instead of localising one")
     p.set_defaults(func=_rectify)

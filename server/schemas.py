@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from offline.rectify import VALIDATION_SAMPLES
+
 PatchMode = Literal["on", "off", "shadow"]
 
 
@@ -56,6 +58,8 @@ class RectifyRequest(BaseModel):
     label: int | None = Field(default=None, ge=0)
     budget: float = Field(default=0.01, gt=0, lt=1, description="ε: tolerated accuracy drop")
     gap: float = Field(default=0.001, gt=0, lt=1, description="δ: target gap")
+    validation: int = Field(default=VALIDATION_SAMPLES, ge=1, le=1_000_000,
+                            description="training images (the last ones) on which ε is checked")
     static: bool = False
     layer: str | None = Field(default=None, max_length=200)
 

@@ -97,13 +97,16 @@ def test_bad_input_is_refused_before_writing(digits_vit_blend, copy_bundle):
     assert "label 10" in _bad(dst, clean=clean, corrupt=corrupt, label=10)
     assert "label -1" in _bad(dst, clean=clean, corrupt=corrupt, label=-1)
     assert "not an editable layer" in _bad(dst, clean=clean, corrupt=corrupt, layer="blocks.0.norm1")
+    # the budget's validation split must leave the anchor images out (digits: 1437 training images)
+    assert "validation must be" in _bad(dst, clean=clean, corrupt=corrupt, validation=0)
+    assert "from 1 to 1373" in _bad(dst, clean=clean, corrupt=corrupt, validation=1400)
 
 
 def test_from_files_static_mode_edits_the_last_layer(digits_vit_blend, copy_bundle, tmp_path):
     from PIL import Image
 
     dst = copy_bundle(digits_vit_blend)
-    clean, corrupt, label, *_ = _pair(dst, trial=1)
+    clean, corrupt, label, _, data = _pair(dst, trial=1)
     paths = {}
     for name, t in (("clean", clean), ("corrupt", corrupt)):
         paths[name] = tmp_path / f"{name}.png"
@@ -113,12 +116,16 @@ def test_from_files_static_mode_edits_the_last_layer(digits_vit_blend, copy_bund
     with pytest.raises(RectifyError, match="expects"):
         rectify_from_files(dst, str(big), str(paths["corrupt"]))
     result = rectify_from_files(dst, str(paths["clean"]), str(paths["corrupt"]), label=label,
-                                static=True, progress=False, activate=False, epochs=50)
+                                static=True, progress=False, activate=False, epochs=50, validation=300)
     store = Bundle(dst)
     assert store.current_id() != result["version"]  # activate=False
     assert result["rounds"] == 1
     assert result["layers"] in ([], ["blocks.2.mlp.fc2"])
-    assert store.version(result["version"]).manifest["rectification"]["mode"] == "static"
+    record = store.version(result["version"]).manifest["rectification"]
+    assert record["mode"] == "static" and record["validation"] == 300
+    # the budget was checked on the last 300 training images
+    parent = store.version(store.current_id()).build_model()
+    assert result["before"]["accuracy"] == pytest.approx(accuracy(parent, data.x_train[-300:], data.y_train[-300:]))
 
 
 def test_cli_rectify_reports_bad_input_without_writing(digits_vit_blend, copy_bundle, tmp_path, capsys):

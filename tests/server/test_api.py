@@ -237,6 +237,7 @@ def test_rectify_submission_is_queued_not_run(server, reference):
     bad = [({"clean": b64png(x[0]), "corrupt": b64png(x[0])}, "identical"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "label": 10}, "out of range"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "budget": 2}, "budget"),
+           ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "validation": 0}, "validation"),
            ({"clean": b64png(x[0])}, "corrupt")]
     for body, needle in bad:
         r = httpx.post(server.url + "/rectify", headers=auth, json=body)
