@@ -122,7 +122,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     x_train, y_train = training_images(parent)
     # The anchors (the first training images) must not be among the images the budget reads.
     room = len(x_train) - ANCHOR_SAMPLES
-    if isinstance(validation, bool) or not isinstance(validation, (int, np.integer)) or not 1 <= validation <= room:
+    if (isinstance(validation, bool) or not isinstance(validation, (int, np.integer))
+            or not 1 <= validation <= room):
         raise RectifyError(f"validation must be a whole number of training images from 1 to {room} "
                            f"(this data set has {len(x_train)}, {ANCHOR_SAMPLES} of them anchors), got {validation!r}")
     new_stats = None
