@@ -71,8 +71,8 @@ def test_rectify_jobs_fail_cleanly_then_swap_version_under_load(bundle, pair):
         assert s.metric("repair_rectify_jobs_total", outcome="succeeded") == 0
 
         # A good job while 200 concurrent /predict requests run, round after round.
-        r = httpx.post(s.url + "/rectify", headers=AUTH,
-                       json={"clean": b64png(clean), "corrupt": b64png(corrupt), "label": label})
+        r = httpx.post(s.url + "/rectify", headers=AUTH, json={
+            "clean": b64png(clean), "corrupt": b64png(corrupt), "label": label, "validation": 300})
         assert r.status_code == 202, r.text
         job_id = r.json()["job_id"]
         answers, swapped = [], False
@@ -92,6 +92,7 @@ def test_rectify_jobs_fail_cleanly_then_swap_version_under_load(bundle, pair):
         new = job["version"]
         assert new != first and job["parent"] == first
         assert Bundle(bundle).current_id() == new and Bundle(bundle).version(new).parent == first
+        assert Bundle(bundle).version(new).manifest["rectification"]["validation"] == 300
         assert {v for _, v in answers} <= {first, new} and answers[-1][1] == new
         # The served answer to the corrupt input is the new version's (as the job measured it).
         p = httpx.post(s.url + "/predict", json={"images": [b64png(corrupt)]}).json()
