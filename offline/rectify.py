@@ -125,7 +125,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     if (isinstance(validation, bool) or not isinstance(validation, (int, np.integer))
             or not 1 <= validation <= room):
         raise RectifyError(f"validation must be a whole number of training images from 1 to {room} "
-                           f"(this data set has {len(x_train)}, {ANCHOR_SAMPLES} of them anchors), got {validation!r}")
+                           f"(this data set has {len(x_train)}, {ANCHOR_SAMPLES} of them anchors), "
+                           f"got {validation!r}")
     new_stats = None
     if parent.has("keystats"):
         stats = stats_from_tensors(parent.tensors("keystats"))
