@@ -8,6 +8,9 @@ cases whose best layer by editing is among the k layers ranked highest by ``Ĝ``
     .venv/bin/python bench/rectify_localization.py --arch vit --trials 3   # rectify_localization.md
     .venv/bin/python bench/rectify_localization.py --arch resnet18 --trials 3 --threads 1
                                                   # → rectify_localization_resnet18.md
+    .venv/bin/python bench/rectify_localization.py --arch resnet18 --dataset fashion-mnist \
+        --max-train 8000 --zoo-epochs 15 --trials 3 --threads 2
+                                  # → rectify_localization_fashion-mnist_resnet18.md
 """
 from __future__ import annotations
 
@@ -31,12 +34,17 @@ def main():
     ap.add_argument("--cache", default="/tmp/rect-bench")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--max-train", type=int, help="the zoo model's training subset (as bench/rectify.py)")
+    ap.add_argument("--zoo-epochs", type=int, help="epochs of the zoo model (default: the zoo's)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     archs = a.arch or ["vit"]
     cases = []
     for arch in archs:
-        setup = Setup(ensure_bundle(Path(a.cache) / f"digits-{arch}-blend", arch))
+        name = f"{a.dataset}-{arch}-blend" + (f"-{a.max_train}" if a.max_train else "")
+        setup = Setup(ensure_bundle(Path(a.cache) / name, arch, a.dataset, max_train=a.max_train,
+                                    epochs=a.zoo_epochs))
         layer_list = list(setup.layers.values())
         for trial in range(a.trials):
             clean, corrupt, labels = setup.pairs(1, trial)
@@ -67,19 +75,25 @@ def main():
             recall[f"{mode} top-{k}"] = sum(hits) / len(hits)
     command = " ".join(["python", "bench/rectify_localization.py", *sys.argv[1:]])
     md = ["# Layer localization recall (Ĝ_l vs editing each layer)", "",
-          f"Command: `{command}` (1 CPU thread). {len(cases)} cases (digits Blend φ=0.5, one "
+          f"Command: `{command}` ({a.threads} CPU thread(s)). {len(cases)} cases ({a.dataset} "
+          "Blend φ=0.5, one "
           "pair each). Ground truth: the layer whose single rank-one edit gives the lowest "
           "ASR + OA drop on the test split.", "",
           "| ranking | top-1 | top-3 | top-5 |", "| --- | --- | --- | --- |"]
     for mode in ("per_layer", "joint"):
         md.append(f"| {mode} | " + " | ".join(f"{100 * recall[f'{mode} top-{k}']:.0f} %"
                                               for k in (1, 3, 5)) + " |")
-    md += ["", "Per case (best layer by editing; Ĝ top-3 per-layer; Ĝ top-3 joint; completeness "
-           "error per-layer / joint, relative to |f(x) − f(x̃)|):", ""]
-    md += [f"- {c['arch']} trial {c['trial']}: {c['best_by_editing']}; {c['per_layer'][:3]}; "
-           f"{c['joint'][:3]}; {c['per_layer_completeness_error']:.3f} / "
-           f"{c['joint_completeness_error']:.3f}" for c in cases]
-    name = "rectify_localization" + ("" if archs == ["vit"] else "_" + "_".join(archs))
+    md += ["", "Per case (best layer by editing, its ASR / OA drop and its place in the per-layer "
+           "Ĝ ranking, 1 = top; Ĝ top-3 per-layer; Ĝ top-3 joint; completeness error per-layer / "
+           "joint, relative to |f(x) − f(x̃)|):", ""]
+    for c in cases:
+        best = c["best_by_editing"]
+        md.append(f"- {c['arch']} trial {c['trial']}: {best} (ASR {c['editing'][best]['asr']:.3f}, "
+                  f"OA drop {100 * c['editing'][best]['oa_drop']:.2f} pt, Ĝ place "
+                  f"{c['per_layer'].index(best) + 1}); {c['per_layer'][:3]}; {c['joint'][:3]}; "
+                  f"{c['per_layer_completeness_error']:.3f} / {c['joint_completeness_error']:.3f}")
+    name = "rectify_localization" + ("" if a.dataset == "digits" else f"_{a.dataset}") \
+        + ("" if archs == ["vit"] else "_" + "_".join(archs))
     write_results(name, {"command": command, "recall": recall, "cases": cases},
                   "\n".join(md) + "\n")
 
