@@ -8,9 +8,9 @@ cases whose best layer by editing is among the k layers ranked highest by ``Ĝ``
     .venv/bin/python bench/rectify_localization.py --arch vit --trials 3   # rectify_localization.md
     .venv/bin/python bench/rectify_localization.py --arch resnet18 --trials 3 --threads 1
                                                   # → rectify_localization_resnet18.md
-    .venv/bin/python bench/rectify_localization.py --arch resnet18 --dataset fashion-mnist \
+    .venv/bin/python bench/rectify_localization.py --arch vit|resnet18 --dataset fashion-mnist \
         --max-train 8000 --zoo-epochs 15 --trials 3 --threads 2
-                                  # → rectify_localization_fashion-mnist_resnet18.md
+        # → rectify_localization_fashion-mnist.md, rectify_localization_fashion-mnist_resnet18.md
 """
 from __future__ import annotations
 
