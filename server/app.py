@@ -121,6 +121,8 @@ async def read_json(request: Request):
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise Unprocessable(f"request body is not valid JSON: {err}") from None
+    except RecursionError:  # ``[[[[...]]]]`` nested past Python's recursion limit
+        raise Unprocessable("request body is not valid JSON: nested too deeply") from None
 
 
 def validate(model, data):

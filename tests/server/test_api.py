@@ -147,6 +147,8 @@ def test_bad_inputs_get_clear_4xx(server, reference):
         ("extra field", post("/predict", json={"images": [b64png(x[0])], "x": 1}), 422, "x"),
         ("not JSON", post("/predict", content=b"{nope", headers={"content-type": "application/json"}), 422, "JSON"),
         ("empty body", post("/predict", content=b"", headers={"content-type": "application/json"}), 422, "empty"),
+        ("nested too deeply", post("/predict", content=b'{"images":' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                   headers={"content-type": "application/json"}), 422, "nested"),
         ("text body", post("/predict", content=b"hi", headers={"content-type": "text/plain"}), 415, "text/plain"),
         ("oversized body", post("/predict", json={"images": ["A" * (300 * 1024)]}), 413, "limit"),
         ("oversized chunked", post("/predict", content=iter([b'{"images":["' + b"A" * 1024] * 300),
