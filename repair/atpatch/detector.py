@@ -153,7 +153,9 @@ class Detector(nn.Module):
         On the CPU its ~20 ops cost 2-3x more inside the forward than back to back (cold between
         the model's own ops). Timed there against this form and not kept: fewer ops (sums with
         the scales folded into the weights, fused addmm + ReLU, addmv) −5 %; NumPy: no faster;
-        torch.compile: slower (``README.md``, AtPatch added latency)."""
+        torch.compile: slower (``README.md``, AtPatch added latency); TorchScript: no faster
+        (+10.3 vs +7.9 % at batch 1, +10.9 vs +9.6 % at 64, one run), and its CPU fuser needs an
+        LLVM backend the pinned torch lacks."""
         f = self._fast
         prof = self._column_profile(attn, layer)                                       # (B, N, 4)
         b, n = prof.shape[:2]
