@@ -21,6 +21,10 @@ class ImageError(ValueError):
     """An image that cannot be used: not an image, truncated, too large, wrong size or channels."""
 
 
+class ImageTooLarge(ImageError):
+    """An image over a size limit (bytes, or pixels declared in its header): a server's 413."""
+
+
 def _pil():
     from PIL import Image
 
@@ -40,17 +44,19 @@ def decode_image(data: bytes, channels: int | None = None, height: int | None = 
     if len(data) == 0:
         raise ImageError("image is empty")
     if len(data) > MAX_BYTES:
-        raise ImageError(f"image is {len(data)} bytes; the limit is {MAX_BYTES}")
+        raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {MAX_BYTES}")
     try:
         # header only; PIL's own bomb guard (far above MAX_PIXELS) also raises in here
         img = Image.open(io.BytesIO(bytes(data)))
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"image is too large: {err}") from None
     except Exception as err:  # PIL raises many types for garbage input
         raise ImageError(f"not a readable image (PNG or JPEG expected): {err}") from None
     if img.format not in ("PNG", "JPEG"):
         raise ImageError(f"image format {img.format} is not supported; send PNG or JPEG")
     w, h = img.size
     if w * h > max_pixels:  # checked before decoding a single pixel
-        raise ImageError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+        raise ImageTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
     if (height is not None and h != height) or (width is not None and w != width):
         raise ImageError(f"image is {w}x{h} (WxH); this model takes {width}x{height}")
     try:

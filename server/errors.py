@@ -67,23 +67,16 @@ class NotReady(ServerError):
     status = 503
 
 
-def _image_too_large(err: Exception) -> bool:
-    """The shared decoder raises one ImageError type: its own size guards say 'the limit is',
-    PIL's header check (before any pixel is decoded) says 'decompression bomb'."""
-    text = str(err)
-    return "the limit is" in text or "decompression bomb" in text
-
-
 def status_for(err: Exception) -> int:
     """The one mapping from an exception to an HTTP status."""
     from repair.bundle import BundleError
-    from repair.images import ImageError
+    from repair.images import ImageError, ImageTooLarge
     from repair.tabular import RecordError
 
     if isinstance(err, ServerError):
         return err.status
     if isinstance(err, ImageError):
-        return 413 if _image_too_large(err) else 422
+        return 413 if isinstance(err, ImageTooLarge) else 422
     if isinstance(err, BundleError):
         return 404 if "has no version" in str(err) or "invalid version id" in str(err) else 409
     if isinstance(err, (RecordError, ValueError)):

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import pytest
 import torch
 from PIL import Image
 
-from repair.images import ImageError, decode_image, encode_png, quantize
+from repair.images import ImageError, ImageTooLarge, decode_image, encode_png, quantize
 
 
 def test_round_trip_is_exact_on_the_8bit_grid_and_within_half_a_level_otherwise():
@@ -52,8 +53,19 @@ def test_pixel_limit_is_checked_before_decoding(monkeypatch):
     big = _png(300, 200)
     # decoding must not even start: make load() explode if it is reached
     monkeypatch.setattr(Image.Image, "load", lambda self: (_ for _ in ()).throw(AssertionError("decoded")))
-    with pytest.raises(ImageError, match="60000 pixels"):
+    with pytest.raises(ImageTooLarge, match="60000 pixels"):
         decode_image(big, max_pixels=50000)
+
+
+def test_a_jpeg_header_claiming_a_bomb_is_too_large():
+    """A 16x16 JPEG whose header claims 20000x20000: PIL's own guard refuses it on open."""
+    buf = io.BytesIO()
+    Image.new("L", (16, 16)).save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.find(b"\xff\xc0")  # baseline frame header: marker, length, precision, height, width
+    struct.pack_into(">HH", data, sof + 5, 20000, 20000)
+    with pytest.raises(ImageTooLarge, match="400000000 pixels"):
+        decode_image(bytes(data))
 
 
 def test_channels_convert():

@@ -133,6 +133,8 @@ def test_bad_inputs_get_clear_4xx(server, reference):
         ("not an image", post("/predict", json={"images": [b64(b"hello world")]}), 422, "not a readable image"),
         ("wrong size", post("/predict", json={"images": [b64(_png("L", (28, 28)))]}), 422, "28x28"),
         ("20000x20000", post("/predict", json={"images": [b64(_bomb_png(20000, 20000))]}), 413, "pixels"),
+        # under PIL's own bomb guard, over ours (repair.images.MAX_PIXELS)
+        ("5000x5000", post("/predict", json={"images": [b64(_bomb_png(5000, 5000))]}), 413, "the limit is"),
         ("bad base64", post("/predict", json={"images": ["***"]}), 422, "base64"),
         ("wrong channels", post(f"/v2/models/{name}/infer", json={"inputs": [
             {"name": "input", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": [0.5] * 768}]}), 422, "shape"),
