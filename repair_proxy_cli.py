@@ -56,11 +56,12 @@ def _atpatch_build(a):
 
 
 def _rectify(a):
-    from offline.rectify import rectify_from_files
+    from offline.rectify import VALIDATION_SAMPLES, rectify_from_files
 
+    validation = VALIDATION_SAMPLES if a.validation is None else a.validation
     result = rectify_from_files(a.bundle, clean=a.clean, corrupt=a.corrupt, label=a.label,
                                 budget=a.budget, gap=a.gap, static=a.static, layer=a.layer,
-                                validation=a.validation)
+                                validation=validation)
     print(json.dumps(result))
 
 
@@ -135,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int)
     p.add_argument("--budget", type=float, default=0.01, help="ε: tolerated validation accuracy drop")
     p.add_argument("--gap", type=float, default=0.001, help="δ: target gap")
-    p.add_argument("--validation", type=int, default=500,
-                   help="check ε on this many of the last training images (2000 on large data sets)")
+    # default: offline.rectify.VALIDATION_SAMPLES, read when the command runs (keeps this import-light)
+    p.add_argument("--validation", type=int,
+                   help="check ε on this many of the last training images (default 500; 2000 on "
+                        "large data sets)")
     p.add_argument("--static", action="store_true", help="edit one fixed layer (the last)")
     p.add_argument("--layer", help="edit this layer instead of localising one")
     p.set_defaults(func=_rectify)
