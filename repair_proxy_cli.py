@@ -51,7 +51,7 @@ def _atpatch_build(a):
     print(json.dumps({"version": version.id, "detector": meta.get("detector_metrics", {}),
                       "variants": meta.get("variants", {}), "threshold": meta.get("threshold"),
                       "layer_thresholds": meta.get("layer_thresholds"), "row_gate": meta.get("row_gate"),
-                      "clean_flag_rate": meta.get("calibration", {}).get("chosen"),
+                      "calibration": {k: meta.get("calibration", {}).get(k) for k in ("method", "chosen")},
                       "held_out": meta.get("held_out"), "warnings": meta.get("warnings", [])}))
 
 
@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--threshold", type=float, default=0.1, help="τ (Eq. 9)")
     p.add_argument("--no-calibration", action="store_true",
-                   help="keep τ for every layer (backdoor builds otherwise raise it per layer on clean images)")
+                   help="keep τ for every layer (backdoor builds otherwise raise it per layer on clean "
+                        "images, or lower it with --target-gate as far as held-out accuracy allows)")
     p.add_argument("--target-gate", action="store_true",
                    help="backdoor: patch only requests the bare model answers with the target class (a false "
                         "flag then costs no accuracy; an attacked request costs two forward passes)")

@@ -3,6 +3,7 @@ layers the build chose). Default: the digits ViT BadNets model, trained here if 
 
     .venv/bin/python bench/atpatch_vision.py [--epochs 50] [--work /tmp/atpatch-digits]
     .venv/bin/python bench/atpatch_vision.py --zoo /work/zoo-runs/fashion-vit-trojan --name fashion-trojan
+    .venv/bin/python bench/atpatch_vision.py --zoo ... --target-gate   # builds served with the target gate
 Writes bench/results/atpatch_NAME.{json,md} and heatmaps under bench/results/atpatch_heatmaps/NAME.
 """
 from __future__ import annotations
@@ -24,13 +25,20 @@ from offline.defects import Trigger  # noqa: E402
 from offline.evaluate import evaluate_bundle  # noqa: E402
 from offline.zoo import train_bundle  # noqa: E402
 from repair.atpatch import benign as benign_io  # noqa: E402
-from repair.atpatch.runtime import AtPatch  # noqa: E402
+from repair.atpatch.runtime import AtPatch, row_gate  # noqa: E402
 from repair.bundle import Bundle, copy_bundle  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
+# How a build's calibration reads (``manifest["atpatch"]["calibration"]["method"]``).
+CALIBRATION_SYMBOL = {"clean_flag_rate": "α", "gated_lowest_threshold": "τ"}
+
+
+SWEEP_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
 def sweep(bundle: Path) -> list[dict]:
+    """Accuracy, ASR and clean patch rate at one τ for every layer, both variants, served as built
+    (with the build's row gate, if any)."""
     v = Bundle(bundle).version()
     model = v.build_model()
     data = load_dataset(v.manifest["dataset"]["name"])
@@ -41,10 +49,11 @@ def sweep(bundle: Path) -> list[dict]:
     det = probe.detector
     probe.remove()
     benign = benign_io.from_tensors(v.tensors("benign"), det.n_layers)
+    meta = v.manifest["atpatch"]
     rows = []
-    for tau in (0.1, 0.2, 0.3, 0.5):
+    for tau in SWEEP_THRESHOLDS:
         for variant in ("replace", "masked"):
-            a = AtPatch(model, det, benign, threshold=tau, variant=variant, layers=v.manifest["atpatch"]["layers"])
+            a = AtPatch(model, det, benign, threshold=tau, variant=variant, layers=meta["layers"], gate=row_gate(meta))
             r, rb = a(data.x_test), a(xb)
             rows.append({"threshold": tau, "variant": variant,
                          "accuracy": round((r.logits.argmax(-1) == data.y_test).float().mean().item(), 4),
@@ -54,12 +63,13 @@ def sweep(bundle: Path) -> list[dict]:
     return rows
 
 
-def build_and_evaluate(zoo: Path, work: Path, epochs: int, seed: int, heatmaps: Path | None) -> dict:
+def build_and_evaluate(zoo: Path, work: Path, epochs: int, seed: int, heatmaps: Path | None,
+                       target_gate: bool) -> dict:
     bundle = work / f"patched-seed{seed}"
     shutil.rmtree(bundle, ignore_errors=True)
     copy_bundle(zoo, bundle)
     t = time.perf_counter()
-    version = build_detector(bundle, epochs=epochs, seed=seed, progress=False)
+    version = build_detector(bundle, epochs=epochs, seed=seed, progress=False, target_gate=target_gate)
     build_s = time.perf_counter() - t
     on = evaluate_bundle(bundle, patch="on", heatmaps=str(heatmaps) if heatmaps else None)
     on["heatmaps"] = [str(Path(p).relative_to(OUT.parent.parent)) for p in on.get("heatmaps", [])]
@@ -78,6 +88,7 @@ def main():
     ap.add_argument("--zoo", help="an existing zoo bundle (default: train the digits ViT BadNets)")
     ap.add_argument("--name", default="digits")
     ap.add_argument("--seeds", default="0,1,2", help="one build per seed: the Detector's training varies")
+    ap.add_argument("--target-gate", action="store_true", help="build with --target-gate (TargetClassGate)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -87,7 +98,7 @@ def main():
     off = evaluate_bundle(zoo, patch="off")
     seeds = [int(s) for s in args.seeds.split(",")]
     builds = [build_and_evaluate(zoo, work, args.epochs, seed,
-                                 OUT / "atpatch_heatmaps" / args.name if i == 0 else None)
+                                 OUT / "atpatch_heatmaps" / args.name if i == 0 else None, args.target_gate)
               for i, seed in enumerate(seeds)]
     command = "python bench/atpatch_vision.py " + " ".join(sys.argv[1:])
     result = {"command": command, "threads": args.threads, "off": off, "builds": builds,
@@ -101,24 +112,35 @@ def main():
              "seed (inversion start, split, Detector initialisation), so every build is listed. Detector metrics: strict §4.2.2 on test maps "
              "(triggered inputs on which the backdoor works, with the real trigger's tokens as truth, "
              "and as many clean inputs), on the layers the Detector runs on, at the build's thresholds: "
-             "τ = 0.1, raised per layer where the build's calibration chose a clean-flag rate α "
-             "(column α: the rate, or none; τ per layer in the JSON).", "",
+             "τ = 0.1, raised per layer where the build's calibration chose a clean-flag rate α, or "
+             "lowered to one τ for every layer where a target-gated build could afford it "
+             "(column calibration: α or τ, or none; τ per layer in the JSON). "
+             f"Target gate: {'yes' if args.target_gate else 'no'}.", "",
              f"Unpatched: accuracy {off['accuracy']}, ASR {off['asr']}; clean images of the other classes "
              f"answered with the target: {off['clean_to_target']} (what ASR stays at when the trigger "
              "is removed perfectly; column clean → target: the same with the patch on).", "",
-             "| seed | build s | layers | variant | α | accuracy | ASR | clean → target | clean patch rate | precision "
+             "| seed | build s | layers | variant | calibration | accuracy | ASR | clean → target | clean patch rate | precision "
              "| recall | FPR | FNR | no Detector: acc / ASR | no rescaling: acc / ASR | real trigger's columns: acc / ASR |",
              "|" + "---|" * 16]
     for b in builds:
         on, d, meta = b["on"], b["on"]["detector"], b["atpatch_manifest"]
         ab = on.get("ablations", {})
         nd, nr, tc = (ab.get(k, {}) for k in ("without_detector", "without_rescaling", "true_columns"))
-        alpha = meta["calibration"]["chosen"] or "none"
+        calib = meta["calibration"]
+        alpha = "none" if calib["chosen"] is None else \
+            f"{CALIBRATION_SYMBOL[calib.get('method', 'clean_flag_rate')]} = {calib['chosen']}"
         lines.append(f"| {b['seed']} | {b['build_seconds']} | {meta['layers']} | {meta['variants']['backdoor']} | {alpha} | "
                      f"{on['accuracy']} | {on['asr']} | {on['clean_to_target']} | {on['patch_rate']['clean']} | {d['precision']} | "
                      f"{d['recall']} | {d['fpr']} | {d['fnr']} | {nd.get('accuracy')} / {nd.get('asr')} | "
                      f"{nr.get('accuracy')} / {nr.get('asr')} | {tc.get('accuracy')} / {tc.get('asr')} |")
-    lines += ["", f"One τ for every layer (no calibration) and variant sweep, seed {seeds[0]}'s build, on its layers:", "",
+    served = [(b["seed"], b["on"]["detector"]["served"]) for b in builds if "served" in b["on"]["detector"]]
+    if served:
+        lines += ["", "Served Detector metrics (the same maps, flags only on rows the target gate lets through: "
+                  "clean images the bare model answers with the target, every triggered one): " +
+                  "; ".join(f"seed {s}: precision {d['precision']}, recall {d['recall']}, FPR {d['fpr']}, "
+                            f"FNR {d['fnr']}" for s, d in served) + "."]
+    lines += ["", f"One τ for every layer (no calibration) and variant sweep, seed {seeds[0]}'s build, on its layers, "
+              f"{'gated' if args.target_gate else 'every flagged row patched'}:", "",
               "| τ | variant | accuracy | ASR | clean patch rate |", "|---|---|---|---|---|"]
     lines += [f"| {r['threshold']} | {r['variant']} | {r['accuracy']} | {r['asr']} | {r['clean_patch_rate']} |"
               for r in result["sweep"]]

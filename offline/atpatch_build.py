@@ -15,7 +15,8 @@ and without the patch are stored too; where the patch leaves the defect or costs
 Fairness builds gate rows (``row_gate``): only rows whose answer depends on the protected values
 are patched (``CounterfactualGate``). Backdoor builds do with ``target_gate=True``
 (``--target-gate``): only rows the bare model answers with the inverted target
-(``TargetClassGate``). The held-out numbers without the gate are stored beside.
+(``TargetClassGate``); such builds lower τ instead of raising it (``_lower_threshold``), as far
+as held-out accuracy allows. The held-out numbers without the gate are stored beside.
 
 Everything that can be wrong with the input (no attention layers, unknown protected attribute,
 bad τ) raises before anything is written.
@@ -141,6 +142,9 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
     if kind == "backdoor":
         if not calibrate:
             calibration = {"chosen": None, "reason": "not asked for"}
+        elif gate is not None:
+            calibration = _lower_threshold(lambda taus: _runner(model, det, benign, taus, measure, gate),
+                                           det.n_layers, threshold, variant, best, layer_tolerance)
         elif len(calibration_images) < MIN_CALIBRATION_IMAGES:
             calibration = {"chosen": None, "reason": f"only {len(calibration_images)} clean images "
                                                      f"left for it (fewer than {MIN_CALIBRATION_IMAGES})"}
@@ -318,7 +322,7 @@ def _calibrate(runner_at, det, clean_maps: list[torch.Tensor], threshold: float,
     check is there to catch. With flags carried, the BadNets build takes α = 0.05: 9 % of clean
     images flagged instead of 44 %, at test ASR 0.037 either way.
     """
-    out = {"chosen": None, "clean_images": len(clean_maps[0]), "tolerance": tolerance,
+    out = {"chosen": None, "method": "clean_flag_rate", "clean_images": len(clean_maps[0]), "tolerance": tolerance,
            "measured_on": _MEASURED_ON, "uncalibrated": base, "tried": {}}
     if base["defect_metric"] > WARN_DEFECT["backdoor"]:
         return dict(out, reason="τ already leaves the held-out trigger working")
@@ -339,6 +343,43 @@ def _calibrate(runner_at, det, clean_maps: list[torch.Tensor], threshold: float,
         pick = tried[str(chosen)]
         out.update(layer_thresholds=pick["layer_thresholds"],
                    measured={k: pick[k] for k in ("defect_metric", "accuracy")})
+    return out
+
+
+# τ tried by ``_lower_threshold`` (target-gated builds), in this order; those not below the
+# build's τ are skipped.
+GATED_THRESHOLDS = (0.05, 0.02, 0.01)
+
+
+@torch.no_grad()
+def _lower_threshold(runner_at, n_layers: int, threshold: float, variant: str, base: dict,
+                     tolerance: float) -> dict:
+    """Target-gated builds: one τ for every layer, the lowest of ``GATED_THRESHOLDS`` (tried from
+    the highest, stopping at the first that fails) whose held-out accuracy stays within
+    ``tolerance`` of τ's (``base``, gated too) and whose held-out ASR is no higher than τ's.
+
+    Why lower, where ``_calibrate`` raises τ for ungated builds: the gate patches only rows the
+    bare model answers with the target, so a false flag costs accuracy on those rows only and the
+    clean-flag rate stops mattering, while a trigger the Detector scores below τ still gets
+    through. Measured on Fashion-MNIST ViTs backdoored to class 1 (test set, gated, seed-0 builds):
+    Trojan τ 0.1 left ASR 18 % (the Detector flagged 81 % of the triggered maps), 0.05 0.72 %,
+    0.02 0.36 % at −0.02 pt; BadNets and Hidden stay at 0.99 % / 0.40 % from 0.1 to 0.05 and
+    at 0.02 the Detector flags every clean image, which costs 7-9 pt of accuracy through the
+    images answered with the target: the budget stops the search there.
+    """
+    out = {"chosen": None, "method": "gated_lowest_threshold",
+           "tolerance": tolerance, "measured_on": _MEASURED_ON, "uncalibrated": base, "tried": {}}
+    for tau in (t for t in GATED_THRESHOLDS if t < threshold):
+        taus = [tau] * n_layers
+        measured = runner_at(taus)(variant, None)
+        out["tried"][str(tau)] = measured
+        if (measured["accuracy"] < base["accuracy"] - tolerance
+                or measured["defect_metric"] > base["defect_metric"]):
+            break
+        out.update(chosen=tau, layer_thresholds=taus,
+                   measured={k: measured[k] for k in ("defect_metric", "accuracy")})
+    if out["chosen"] is None:
+        out["reason"] = "every lower τ tried costs accuracy or lets more of the inverted trigger through"
     return out
 
 

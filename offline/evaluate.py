@@ -18,7 +18,7 @@ from offline.datasets import ImageData, load_dataset
 from offline.defects import Trigger
 from repair.atpatch.debugging_set import excess_layers, patch_tokens
 from repair.atpatch.detector import detect_maps, strict_metrics
-from repair.atpatch.runtime import AtPatch, PatchedModel
+from repair.atpatch.runtime import AtPatch, PatchedModel, TargetClassGate
 from repair.attention import attention_maps
 from repair.bundle import Bundle
 from repair.metrics import accuracy, attack_success_rate, predict, unfairness
@@ -65,7 +65,9 @@ def _columns_selector(n_tokens: int, tokens: list[int]):
 def detector_metrics(patch: AtPatch, model, x_clean, x_bad, y, target, mask, patch_size) -> dict:
     """Strict §4.2.2 metrics of the Detector on unpatched maps, one map per layer it runs on: a
     triggered input on which the backdoor works is an over-attention map whose anomalous columns
-    are the real trigger's tokens; a clean input of the same count is a clean map."""
+    are the real trigger's tokens; a clean input of the same count is a clean map. With the
+    target gate also ``served``: the same on the flags that reach Γ, those of rows the bare model
+    answers with the target (every triggered map here, as the backdoor works on it)."""
     works = (predict(model, x_bad) == target) & (y != target)
     xb = x_bad[works]
     xc = x_clean[~works][: len(xb)] if (~works).sum() >= len(xb) else x_clean[: len(xb)]
@@ -80,6 +82,9 @@ def detector_metrics(patch: AtPatch, model, x_clean, x_bad, y, target, mask, pat
     flags = torch.cat(flags_b + flags_c)
     truth = torch.cat([truth_b] * len(run) + [torch.zeros_like(f) for f in flags_c])
     out = strict_metrics(flags, truth)
+    if isinstance(patch.gate, TargetClassGate):
+        answered_target = (predict(model, xc) == patch.gate.target)[:, None]
+        out["served"] = strict_metrics(torch.cat(flags_b + [f & answered_target for f in flags_c]), truth)
     out.update(maps_triggered=len(xb) * len(run), maps_clean=len(xc) * len(run), trigger_tokens=tokens,
                detector_layers=run, trigger_excess_ratio=[round(r, 2) for r in ratios])
     return out

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from offline.datasets import load_dataset
-from offline.evaluate import EvaluateError, evaluate_bundle
+from offline.defects import Trigger
+from offline.evaluate import EvaluateError, detector_metrics, evaluate_bundle
+from repair.atpatch.runtime import AtPatch, TargetClassGate
 from repair.bundle import Bundle
 
 
@@ -41,6 +43,25 @@ def test_detector_metrics_follow_their_definitions(evaluated):
     assert d["fpr"] == pytest.approx(fp / (fp + tn), abs=1e-4)
     assert d["fnr"] == pytest.approx(1 - d["recall"], abs=1e-4)
     assert d["trigger_tokens"] == [16]  # the 3x3 BadNets patch sits in the last of 16 patches
+
+
+def test_served_metrics_count_only_the_flags_the_target_gate_lets_through(digits_patched):
+    version = Bundle(digits_patched).version()
+    model, data = version.build_model(), load_dataset("digits")
+    trig = Trigger.from_tensors(version.tensors("defect"))
+    target = version.manifest["defect"]["target_class"]
+    atp = AtPatch.from_version(version, model)
+    try:
+        assert "served" not in detector_metrics(atp, model, data.x_test, trig.apply(data.x_test), data.y_test,
+                                                target, trig.mask, 4)  # no gate: the Detector is what is served
+        atp.gate = TargetClassGate(target)
+        d = detector_metrics(atp, model, data.x_test, trig.apply(data.x_test), data.y_test, target, trig.mask, 4)
+    finally:
+        atp.remove()
+    served = d["served"]
+    assert (served["tp"], served["fn"]) == (d["tp"], d["fn"])  # the gate lets every triggered map through
+    # clean maps flagged on rows answered with another class never reach Γ
+    assert served["fp"] + served["tn"] == d["fp"] + d["tn"] and 0 < served["fp"] < d["fp"]
 
 
 def test_ablations_show_the_detector_matters(evaluated):

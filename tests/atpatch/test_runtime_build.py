@@ -6,7 +6,8 @@ import functools
 import pytest
 import torch
 
-from offline.atpatch_build import CLEAN_FLAG_RATES, BuildError, _calibrate, _warnings, build_detector
+from offline.atpatch_build import (CLEAN_FLAG_RATES, GATED_THRESHOLDS, BuildError, _calibrate, _lower_threshold,
+                                   _warnings, build_detector)
 from offline.datasets import load_dataset
 from offline.defects import Trigger
 from repair.atpatch import benign as benign_io
@@ -89,6 +90,36 @@ def test_calibration_takes_the_smallest_clean_flag_rate_that_keeps_the_trigger_s
     blind = _calibrate(runner_at, _ScoresAreTheMaps(), clean, 0.1, "replace",
                        {"defect_metric": 0.9, "accuracy": 0.97}, 0.005)
     assert blind["chosen"] is None and tried == [] and "held-out" in blind["reason"]
+
+
+def test_gated_builds_lower_tau_until_accuracy_or_asr_says_stop():
+    """A stand-in held-out runner: ASR falls as τ falls; accuracy holds down to ``cliff``."""
+    base = {"defect_metric": 0.18, "accuracy": 0.87}
+    tried = []
+
+    def runner_at(cliff):
+        def at(taus):
+            tried.append(taus[0])
+            return lambda variant, layers: {"defect_metric": round(taus[0] / 10, 4),
+                                            "accuracy": 0.87 if taus[0] >= cliff else 0.80}
+        return at
+
+    out = _lower_threshold(runner_at(0.02), 3, 0.1, "replace", base, 0.005)
+    assert out["chosen"] == 0.02 and out["layer_thresholds"] == [0.02] * 3
+    assert out["measured"] == {"defect_metric": 0.002, "accuracy": 0.87}
+    assert tried == [0.05, 0.02, 0.01]  # 0.01 tried, costs accuracy, search stops above it
+    # no lower τ affordable: τ kept
+    tried.clear()
+    none = _lower_threshold(runner_at(0.1), 3, 0.1, "replace", base, 0.005)
+    assert none["chosen"] is None and "layer_thresholds" not in none and tried == [0.05]
+    # a lower τ that lets more of the held-out trigger through is refused
+    worse = _lower_threshold(lambda taus: lambda v, l: {"defect_metric": 0.2, "accuracy": 0.87}, 3, 0.1,
+                             "replace", base, 0.005)
+    assert worse["chosen"] is None
+    # only values below the build's own τ are tried
+    tried.clear()
+    _lower_threshold(runner_at(0.0), 3, 0.03, "replace", base, 0.005)
+    assert tried == [t for t in GATED_THRESHOLDS if t < 0.03]
 
 
 def test_per_layer_thresholds_decide_per_layer(patched):
@@ -328,6 +359,10 @@ def test_target_gate_build_is_served_with_its_gate(digits_vit_badnets, copy_bund
     meta = v.manifest["atpatch"]
     assert meta["row_gate"] == "target_class"
     assert set(meta["held_out"]) >= {"unpatched", "patched", "patched_without_gate"}
+    # gated builds search downwards from τ (``_lower_threshold``), never the clean-flag rates
+    assert meta["calibration"]["method"] == "gated_lowest_threshold"
+    assert meta["calibration"]["tried"] and all(float(t) < 0.1 for t in meta["calibration"]["tried"])
+    assert meta["layer_thresholds"] == [meta["calibration"]["chosen"] or 0.1] * len(meta["layer_thresholds"])
     atp = AtPatch.from_version(v, v.build_model())
     try:
         assert isinstance(atp.gate, TargetClassGate) and atp.gate.target == meta["inversion"]["target"]
