@@ -19,6 +19,17 @@ def b64png(x: torch.Tensor) -> str:
     return base64.b64encode(encode_png(x)).decode()
 
 
+def predict_in_chunks(url: str, field: str, samples: list, patch: str, per_request: int = 64) -> list[dict]:
+    """``POST /predict?patch=...`` with ``{field: samples}`` in requests of ``per_request`` (under
+    the server's sample limit); the predictions in order."""
+    out = []
+    for i in range(0, len(samples), per_request):
+        r = httpx.post(f"{url}/predict?patch={patch}", json={field: samples[i:i + per_request]}, timeout=120)
+        assert r.status_code == 200, r.text
+        out += r.json()["predictions"]
+    return out
+
+
 class LiveServer:
     """``create_app`` under a real ``uvicorn.Server`` on 127.0.0.1:<free port>."""
 

@@ -2,15 +2,13 @@
 ViT): triggered digits are corrected (ASR ≤ 1 %) and clean accuracy holds."""
 from __future__ import annotations
 
-import httpx
 import pytest
 import torch
 
 from offline.defects import Trigger
 from repair.bundle import Bundle
-from server_live import b64png, live_server
+from server_live import b64png, live_server, predict_in_chunks
 
-CHUNK = 64
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +29,7 @@ def images(atpatch_bundle, digits_data):
 
 
 def _predict(server, images, patch):
-    out = []
-    for i in range(0, len(images), CHUNK):
-        r = httpx.post(f"{server.url}/predict?patch={patch}", json={"images": images[i:i + CHUNK]}, timeout=120)
-        assert r.status_code == 200, r.text
-        out += r.json()["predictions"]
-    return out
+    return predict_in_chunks(server.url, "images", images, patch)
 
 
 def test_triggered_inputs_corrected_and_clean_accuracy_holds(server, images):

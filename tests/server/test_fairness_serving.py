@@ -2,13 +2,12 @@
 attribute changed gets the same answer when patched (issue 5), where the bare model's answer flips."""
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from offline.datasets import load_dataset
 from repair.bundle import Bundle
 from repair.metrics import predict
-from server_live import live_server
+from server_live import live_server, predict_in_chunks
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +30,9 @@ def flipping_pairs(compas_ft_atpatch):
     return originals, twins, tokens
 
 
-def _answers(url, records, patch, per_request=256):
-    """In requests of at most the server's default sample limit (how many pairs flip depends on
-    the trained model, and so on the CPU's floats)."""
-    out = []
-    for i in range(0, len(records), per_request):
-        r = httpx.post(f"{url}/predict?patch={patch}", json={"records": records[i:i + per_request]}, timeout=120)
-        assert r.status_code == 200, r.text
-        out += r.json()["predictions"]
-    return out
+def _answers(url, records, patch):
+    # in several requests: how many pairs flip depends on the trained model (the CPU's floats)
+    return predict_in_chunks(url, "records", records, patch)
 
 
 def test_flipped_protected_attribute_gets_the_same_answer(compas_ft_atpatch, flipping_pairs):
