@@ -31,8 +31,6 @@ from repair.bundle import Bundle, copy_bundle  # noqa: E402
 OUT = Path(__file__).resolve().parent / "results"
 # How a build's calibration reads (``manifest["atpatch"]["calibration"]["method"]``).
 CALIBRATION_SYMBOL = {"clean_flag_rate": "α", "gated_lowest_threshold": "τ"}
-
-
 SWEEP_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 

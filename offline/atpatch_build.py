@@ -363,7 +363,7 @@ def _lower_threshold(runner_at, n_layers: int, threshold: float, variant: str, b
     clean-flag rate stops mattering, while a trigger the Detector scores below τ still gets
     through. Measured on Fashion-MNIST ViTs backdoored to class 1 (test set, gated, seed-0 builds):
     Trojan τ 0.1 left ASR 18 % (the Detector flagged 81 % of the triggered maps), 0.05 0.72 %,
-    0.02 0.36 % at −0.02 pt; BadNets and Hidden stay at 0.99 % / 0.40 % from 0.1 to 0.05 and
+    0.02 0.36 % at −0.02 pt; BadNets and Hidden stay at 0.98-0.99 % / 0.40 % from 0.1 to 0.05 and
     at 0.02 the Detector flags every clean image, which costs 7-9 pt of accuracy through the
     images answered with the target: the budget stops the search there.
     """
