@@ -87,7 +87,8 @@ def write(rows: list[dict], command: str) -> None:
     lines = ["# Zoo benchmark", "", f"Machine: {result['machine']}; torch {result['torch']}.", "",
              "Times are wall-clock seconds of training on the given torch threads. The rows without a "
              "`-target` suffix were trained while four other jobs shared the 2 cores (load average "
-             "~10); the `-target1` rows, the same recipe on 2 threads of an idle machine, took 71-82 s. Accuracy and ASR are on the full test sets "
+             "~10); the `-target1` rows, the same recipe on 2 threads of an idle machine with a faster "
+             "CPU (AMD EPYC, AVX-512), took 71-82 s. Accuracy and ASR are on the full test sets "
              "(10000 / 16281 / 1235 rows).", "",
              "| model | train rows | epochs | accuracy | ASR | UF | threads | train s | floors met |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
