@@ -61,7 +61,7 @@ def test_served_metrics_count_only_the_flags_the_target_gate_lets_through(digits
     served = d["served"]
     assert (served["tp"], served["fn"]) == (d["tp"], d["fn"])  # the gate lets every triggered map through
     # clean maps flagged on rows answered with another class never reach Γ
-    assert served["fp"] + served["tn"] == d["fp"] + d["tn"] and 0 < served["fp"] < d["fp"]
+    assert served["fp"] + served["tn"] == d["fp"] + d["tn"] and served["fp"] < d["fp"]
 
 
 def test_ablations_show_the_detector_matters(evaluated):

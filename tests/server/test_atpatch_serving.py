@@ -10,7 +10,6 @@ from repair.bundle import Bundle
 from server_live import b64png, live_server, predict_in_chunks
 
 
-
 @pytest.fixture(scope="module")
 def server(atpatch_bundle):
     with live_server(atpatch_bundle, max_batch_size=64) as s:
