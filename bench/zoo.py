@@ -87,8 +87,8 @@ def write(rows: list[dict], command: str) -> None:
     lines = ["# Zoo benchmark", "", f"Machine: {result['machine']}; torch {result['torch']}.", "",
              "Times are wall-clock seconds of training on the given torch threads. The rows without a "
              "`-target` suffix were trained while four other jobs shared the 2 cores (load average "
-             "~10); the `-target1` rows, the same recipe on 2 threads of an idle machine with a faster "
-             "CPU (AMD EPYC, AVX-512), took 71-82 s. Accuracy and ASR are on the full test sets "
+             "~10); the `-target1` rows, the same recipe, on an idle machine with a faster CPU "
+             "(AMD EPYC, AVX-512). Accuracy and ASR are on the full test sets "
              "(10000 / 16281 / 1235 rows).", "",
              "| model | train rows | epochs | accuracy | ASR | UF | threads | train s | floors met |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -112,6 +112,12 @@ def main() -> None:
     p.add_argument("--defects", help="comma-separated subset of the part's defects (fashion: badnets,hidden,trojan)")
     p.add_argument("--target-class", type=int, help="fashion: the backdoor's target class (default 0)")
     a = p.parse_args()
+    known = sorted(o["defect"] for _, o in RUNS[a.part] if "defect" in o)
+    unknown = sorted(set(a.defects.split(",")) - set(known)) if a.defects else []
+    if unknown:
+        p.error(f"--defects {','.join(unknown)}: not among --part {a.part}'s ({', '.join(known) or 'none'})")
+    if a.target_class is not None and a.part != "fashion":
+        p.error("--target-class is for --part fashion (the tabular models have no backdoor)")
     rows = run(a.part, Path(a.out_dir), a.threads, a.defects.split(",") if a.defects else None,
                a.target_class)
     write(rows, "python " + " ".join(sys.argv))
