@@ -26,6 +26,7 @@ from offline.evaluate import evaluate_bundle  # noqa: E402
 from offline.zoo import train_bundle  # noqa: E402
 from repair.atpatch import benign as benign_io  # noqa: E402
 from repair.atpatch.runtime import AtPatch, row_gate  # noqa: E402
+from repair.atpatch.trigger_inversion import RESTARTS  # noqa: E402
 from repair.bundle import Bundle, copy_bundle  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -62,12 +63,13 @@ def sweep(bundle: Path) -> list[dict]:
 
 
 def build_and_evaluate(zoo: Path, work: Path, epochs: int, seed: int, heatmaps: Path | None,
-                       target_gate: bool) -> dict:
+                       target_gate: bool, inversion_restarts: int) -> dict:
     bundle = work / f"patched-seed{seed}"
     shutil.rmtree(bundle, ignore_errors=True)
     copy_bundle(zoo, bundle)
     t = time.perf_counter()
-    version = build_detector(bundle, epochs=epochs, seed=seed, progress=False, target_gate=target_gate)
+    version = build_detector(bundle, epochs=epochs, seed=seed, progress=False, target_gate=target_gate,
+                             inversion_restarts=inversion_restarts)
     build_s = time.perf_counter() - t
     on = evaluate_bundle(bundle, patch="on", heatmaps=str(heatmaps) if heatmaps else None)
     on["heatmaps"] = [str(Path(p).relative_to(OUT.parent.parent)) for p in on.get("heatmaps", [])]
@@ -87,6 +89,8 @@ def main():
     ap.add_argument("--name", default="digits")
     ap.add_argument("--seeds", default="0,1,2", help="one build per seed: the Detector's training varies")
     ap.add_argument("--target-gate", action="store_true", help="build with --target-gate (TargetClassGate)")
+    ap.add_argument("--inversion-restarts", type=int, default=RESTARTS,
+                    help="random starts per class of the trigger inversion (results before session 14: 3)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -96,7 +100,8 @@ def main():
     off = evaluate_bundle(zoo, patch="off")
     seeds = [int(s) for s in args.seeds.split(",")]
     builds = [build_and_evaluate(zoo, work, args.epochs, seed,
-                                 OUT / "atpatch_heatmaps" / args.name if i == 0 else None, args.target_gate)
+                                 OUT / "atpatch_heatmaps" / args.name if i == 0 else None, args.target_gate,
+                                 args.inversion_restarts)
               for i, seed in enumerate(seeds)]
     command = "python bench/atpatch_vision.py " + " ".join(sys.argv[1:])
     result = {"command": command, "threads": args.threads, "off": off, "builds": builds,

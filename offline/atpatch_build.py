@@ -35,7 +35,7 @@ from repair.atpatch.debugging_set import DebugSet, Protected, backdoor_set, fair
 from repair.atpatch.detector import detect_maps, logit_threshold, probability, strict_metrics, train_detector
 from repair.atpatch.redistribution import VARIANTS
 from repair.atpatch.runtime import AtPatch, CounterfactualGate, PatchedModel, RowGate, TargetClassGate
-from repair.atpatch.trigger_inversion import invert_all
+from repair.atpatch.trigger_inversion import RESTARTS, invert_all
 from repair.attention import AttentionAccess, attention_maps
 from repair.bundle import Bundle
 
@@ -83,7 +83,8 @@ def _protected(data: TabularData, model, names: list[str]) -> list[Protected]:
 
 
 def build_detector(bundle: str | Path, protected: list[str] | None = None, epochs: int = 50,
-                   threshold: float = 0.1, *, inversion_steps: int = 100, n_clean: int = 600,
+                   threshold: float = 0.1, *, inversion_steps: int = 100, inversion_restarts: int = RESTARTS,
+                   n_clean: int = 600,
                    max_rows: int = 4000, layer_tolerance: float = 0.005, calibrate: bool = True,
                    target_gate: bool = False, seed: int = 0, progress: bool = True, activate: bool = True):
     """Train the Detector and Q for the bundle's current version; write and return a new version.
@@ -93,6 +94,8 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
     logit_threshold(threshold)  # validates τ
     if epochs < 1:
         raise BuildError(f"epochs must be at least 1, got {epochs}")
+    if inversion_restarts < 1:
+        raise BuildError(f"inversion restarts must be at least 1, got {inversion_restarts}")
     b = Bundle(bundle)
     version = b.version()
     model = version.build_model("cpu")
@@ -104,7 +107,7 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
     if not isinstance(data, ImageData) and target_gate:
         raise BuildError("--target-gate is for backdoor (vision) builds; fairness builds always gate rows")
     if isinstance(data, ImageData):
-        debug, extra = _vision_set(model, data, version, inversion_steps, n_clean, seed, progress)
+        debug, extra = _vision_set(model, data, version, inversion_steps, inversion_restarts, n_clean, seed, progress)
         calibration_images = data.x_train[extra["_select"][:CALIBRATION_IMAGES]]
         kind = "backdoor"
     else:
@@ -200,13 +203,14 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
                            parent=version.id, activate=activate)
 
 
-def _vision_set(model, data: ImageData, version, steps, n_clean, seed, progress):
+def _vision_set(model, data: ImageData, version, steps, restarts, n_clean, seed, progress):
     spec = version.manifest["architecture"]
     patch = int(spec.get("patch_size", 4))
     x = data.x_train
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     inv_x, pair_x = x[perm[:n_clean]], x[perm[n_clean:2 * n_clean]]
-    inversion = invert_all(model, inv_x, len(data.classes), steps=steps, progress=progress, seed=seed)
+    inversion = invert_all(model, inv_x, len(data.classes), steps=steps, progress=progress, seed=seed,
+                           restarts=restarts)
     trig = inversion.trigger.hardened()
     debug = backdoor_set(model, pair_x, trig.apply, trig.mask, inversion.target, patch)
     # Images used neither for inversion nor for the pairs: where the variant is chosen.

@@ -61,16 +61,19 @@ def digits_vit_badnets_atpatch(zoo_cache, digits_vit_badnets) -> Path:
     """``digits_vit_badnets`` plus an AtPatch detector version, built once per session and
     shared (atpatch, server, deploy tests): never write into it.
 
-    The paper's defaults (τ = 0.1, 50 epochs; the build takes ~40 s on 2 threads). Builds are
-    deterministic (seed 0), so the tests see the same Detector on every run (bench seed 0 in
-    bench/results/atpatch_digits.md, which also lists seeds 1 and 2); the thresholds they assert
-    are the issue's."""
+    The paper's defaults (τ = 0.1, 50 epochs) with the target gate (``--target-gate``): the build
+    takes ~2 min on 2 threads. Why gated: the model this fixture trains depends on the CPU's float
+    kernels. On an AVX-512 machine the trigger inversion finds the planted pattern shifted up one
+    patch, which draws 3.5x the clean attention (the planted one ~4x, at a much sharper peak), the
+    Detector trained on it flags 11-14 % of clean test images and ungated builds cost 5 pt of
+    accuracy on build seeds 0/1/2; gated ones cost 0 pt at ASR 0.3 % on all three. Builds are
+    deterministic on one machine (seed 0); the thresholds the tests assert are the issue's."""
     out = zoo_cache / "digits-vit-badnets-atpatch"
     if not (out / "CURRENT").exists():
         from offline.atpatch_build import build_detector
 
         _copy_bundle(digits_vit_badnets, out)
-        build_detector(out, epochs=50, threshold=0.1, progress=False)
+        build_detector(out, epochs=50, threshold=0.1, target_gate=True, progress=False)
     return out
 
 

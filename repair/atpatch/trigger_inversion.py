@@ -94,11 +94,16 @@ def mad_anomaly_index(norms: torch.Tensor) -> torch.Tensor:
     return (med - norms) / mad.clamp_min(1e-12)
 
 
+# random starts per class (``invert_all``)
+RESTARTS = 6
+
+
 @dataclass
 class InversionResult:
     triggers: list[InvertedTrigger]
     anomaly_index: list[float]
     target: int
+    restarts: int
 
     @property
     def trigger(self) -> InvertedTrigger:
@@ -107,18 +112,21 @@ class InversionResult:
     def summary(self) -> dict:
         return {"target": self.target, "anomaly_index": [round(a, 3) for a in self.anomaly_index],
                 "mask_norms": [round(t.norm, 3) for t in self.triggers],
-                "success": round(self.trigger.success, 4)}
+                "success": round(self.trigger.success, 4), "restarts": self.restarts}
 
 
 def invert_all(model: nn.Module, x: torch.Tensor, num_classes: int, steps: int = 100,
-               progress: bool = True, seed: int = 0, restarts: int = 3) -> InversionResult:
+               progress: bool = True, seed: int = 0, restarts: int = RESTARTS) -> InversionResult:
     """Invert a trigger for every class; the target is the class with the largest MAD index.
 
     Eq. 3 is non-convex: each class is inverted from ``restarts`` random starts and keeps its
     smallest working mask. Measured on the digits ViT BadNets model with one start, one seed
     found the planted 5-pixel stamp (‖M‖₁ 2.0) and another a diffuse 12.6 mask on other tokens,
     whose Detector then left ASR at 100 %. (``progress`` is accepted for symmetry; each start is
-    one short loop.)"""
+    one short loop.) Why ``RESTARTS`` = 6, not 3: on a digits ViT trained on an AVX-512 CPU (same
+    seed and data, other floats), three starts found, over build seeds 0/1/2, a 6-pixel mask on the
+    central token 10, a natural trigger of class 4 (the wrong target) and the planted pattern shifted
+    up one patch (token 12); six starts found the shifted pattern, and target 0, on all three."""
     params = [p for p in model.parameters()]
     flags = [p.requires_grad for p in params]
     for p in params:
@@ -132,4 +140,4 @@ def invert_all(model: nn.Module, x: torch.Tensor, num_classes: int, steps: int =
     # per class: the smallest mask among the starts whose trigger works, else the smallest
     triggers = [min(per_class, key=lambda t: (t.success < 0.9, t.norm)) for per_class in zip(*runs)]
     index = mad_anomaly_index(torch.tensor([t.norm for t in triggers]))
-    return InversionResult(triggers, index.tolist(), int(index.argmax()))
+    return InversionResult(triggers, index.tolist(), int(index.argmax()), restarts)

@@ -52,10 +52,11 @@ def test_served_metrics_count_only_the_flags_the_target_gate_lets_through(digits
     target = version.manifest["defect"]["target_class"]
     atp = AtPatch.from_version(version, model)
     try:
+        assert isinstance(atp.gate, TargetClassGate) and atp.gate.target == target  # the shared build is gated
+        d = detector_metrics(atp, model, data.x_test, trig.apply(data.x_test), data.y_test, target, trig.mask, 4)
+        atp.gate = None
         assert "served" not in detector_metrics(atp, model, data.x_test, trig.apply(data.x_test), data.y_test,
                                                 target, trig.mask, 4)  # no gate: the Detector is what is served
-        atp.gate = TargetClassGate(target)
-        d = detector_metrics(atp, model, data.x_test, trig.apply(data.x_test), data.y_test, target, trig.mask, 4)
     finally:
         atp.remove()
     served = d["served"]

@@ -48,10 +48,16 @@ def test_build_writes_a_child_version_with_detector_and_benign(digits_patched, d
     held = meta["held_out"]
     assert held["unpatched"]["defect_metric"] > 0.9 and held["patched"]["defect_metric"] <= 0.05
     assert held["patched"] == chosen and meta["warnings"] == []
-    # τ per layer: the paper's τ, raised where the calibration chose a clean-flag rate
+    # the shared build is target-gated: served with its gate, τ searched downwards for every layer at once
+    assert meta["row_gate"] == "target_class" and "patched_without_gate" in held
     taus, cal = meta["layer_thresholds"], meta["calibration"]
-    assert len(taus) == 3 and min(taus) >= 0.1 and cal["clean_images"] >= 100
-    assert taus == (cal["layer_thresholds"] if cal["chosen"] is not None else [0.1] * 3)
+    assert cal["method"] == "gated_lowest_threshold" and all(float(t) < 0.1 for t in cal["tried"])
+    assert taus == [cal["chosen"] or 0.1] * 3
+    atp = AtPatch.from_version(v, v.build_model())
+    try:
+        assert isinstance(atp.gate, TargetClassGate) and atp.gate.target == meta["inversion"]["target"]
+    finally:
+        atp.remove()
 
 
 class _ScoresAreTheMaps:
@@ -167,6 +173,7 @@ def test_the_gpu_hook_path_flags_and_answers_as_the_cpu_path(patched):
                                    atp.detector.logits_from_heads(maps, layer), rtol=1e-5, atol=1e-5)
     data = load_dataset("digits")
     x = torch.cat([data.x_test[:48], Trigger.from_tensors(version.tensors("defect")).apply(data.x_test[:48])])
+    served_gate = atp.gate
     for gate in (None, TargetClassGate(version.manifest["defect"]["target_class"])):
         atp.gate = gate
         try:
@@ -176,7 +183,7 @@ def test_the_gpu_hook_path_flags_and_answers_as_the_cpu_path(patched):
             atp._step = functools.partial(atp._device_step, fusable=True)  # what compile_hot_path compiles
             tensor_paths.append(atp(x, "on"))
         finally:
-            atp.gate, atp.tensor_only, atp._step = None, False, atp._device_step
+            atp.gate, atp.tensor_only, atp._step = served_gate, False, atp._device_step
         assert cpu_path.patched[48:].float().mean() > 0.9 and not cpu_path.patched[:48].all()
         for tensor_path in tensor_paths:
             assert torch.equal(tensor_path.flagged, cpu_path.flagged)
@@ -272,12 +279,14 @@ def test_target_gate_patches_only_rows_answered_with_the_target(patched):
     trigger = Trigger.from_tensors(version.tensors("defect"))
     x = data.x_test[:600]
     x_bad = trigger.apply(x[data.y_test[:600] != target])
-    off, every_row, every_row_bad = atp(x, "off"), atp(x), atp(x_bad)
-    atp.gate = TargetClassGate(target)
+    served_gate = atp.gate
     try:
+        atp.gate = None
+        off, every_row, every_row_bad = atp(x, "off"), atp(x), atp(x_bad)
+        atp.gate = TargetClassGate(target)
         gated, gated_bad = atp(x), atp(x_bad)
     finally:
-        atp.gate = None
+        atp.gate = served_gate
     bare_target = off.logits.argmax(-1) == target
     assert every_row.patched.any()  # the Detector flags some clean images: the case the gate is for
     assert torch.equal(gated.patched, every_row.patched & bare_target)
@@ -351,21 +360,20 @@ def test_bundle_without_attention_is_refused_before_writing(tmp_path):
     assert b.version_ids() == ["v0001"]
 
 
-def test_target_gate_build_is_served_with_its_gate(digits_vit_badnets, copy_bundle):
-    """A small ``--target-gate`` build (few inversion steps and epochs: only the wiring is checked)
-    records the gate, and loading the version installs it with the inverted target."""
+def test_ungated_build_raises_tau_per_layer_by_clean_flag_rate(digits_vit_badnets, copy_bundle):
+    """A small build without the gate (few epochs: only the wiring is checked) calibrates τ per
+    layer on clean images (``_calibrate``), never below the paper's τ, and is served ungated."""
     path = copy_bundle(digits_vit_badnets)
-    v = build_detector(path, epochs=2, n_clean=300, target_gate=True, progress=False)
+    v = build_detector(path, epochs=2, n_clean=300, progress=False)
     meta = v.manifest["atpatch"]
-    assert meta["row_gate"] == "target_class"
-    assert set(meta["held_out"]) >= {"unpatched", "patched", "patched_without_gate"}
-    # gated builds search downwards from τ (``_lower_threshold``), never the clean-flag rates
-    assert meta["calibration"]["method"] == "gated_lowest_threshold"
-    assert meta["calibration"]["tried"] and all(float(t) < 0.1 for t in meta["calibration"]["tried"])
-    assert meta["layer_thresholds"] == [meta["calibration"]["chosen"] or 0.1] * len(meta["layer_thresholds"])
+    assert meta["row_gate"] is None and "patched_without_gate" not in meta["held_out"]
+    taus, cal = meta["layer_thresholds"], meta["calibration"]
+    assert cal["method"] == "clean_flag_rate" and cal["clean_images"] >= 100
+    assert len(taus) == 3 and min(taus) >= 0.1
+    assert taus == (cal["layer_thresholds"] if cal["chosen"] is not None else [0.1] * 3)
     atp = AtPatch.from_version(v, v.build_model())
     try:
-        assert isinstance(atp.gate, TargetClassGate) and atp.gate.target == meta["inversion"]["target"]
+        assert atp.gate is None
     finally:
         atp.remove()
 

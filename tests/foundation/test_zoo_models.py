@@ -133,7 +133,7 @@ def test_demo_bundle_is_built_once(tmp_path, monkeypatch, digits_vit_badnets):
         shutil.copytree(digits_vit_badnets, out)
 
     def fake_build(out, **kw):  # the real detector build is covered by tests/atpatch
-        detector_builds.append(Path(out))
+        detector_builds.append((Path(out), kw))
         _write_detector_design(out, DESIGN)
 
     monkeypatch.setenv("REPAIR_PROXY_HOME", str(tmp_path / "home"))
@@ -143,13 +143,14 @@ def test_demo_bundle_is_built_once(tmp_path, monkeypatch, digits_vit_badnets):
     second = demo_bundle(progress=False)
     assert first == second == tmp_path / "home" / "demo" and len(calls) == 1
     # the detector is built once, on the staged bundle before it is renamed into place
-    assert len(detector_builds) == 1 and detector_builds[0].name.startswith(".demo-")
+    assert len(detector_builds) == 1 and detector_builds[0][0].name.startswith(".demo-")
+    assert detector_builds[0][1]["target_gate"] is True  # the demo serves the gated patch
     assert calls[0]["defect"] == "badnets" and Bundle(first).version().manifest["metrics"]["asr"] >= 0.95
     assert not [p for p in (tmp_path / "home").iterdir() if p.name.startswith(".demo-")]
     # a demo whose detector an older release built gets a new detector, in place
     _write_detector_design(first, "2-D map CNN")
     assert demo_bundle(progress=False) == first
-    assert detector_builds[1:] == [first] and len(calls) == 1
+    assert [path for path, _ in detector_builds[1:]] == [first] and len(calls) == 1
 
 
 def _write_detector_design(bundle, design):
