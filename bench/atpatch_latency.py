@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import cpu_name  # noqa: E402  (bench/, this script's directory)
 
 from offline.datasets import load_dataset  # noqa: E402
 from offline.defects import Trigger  # noqa: E402
@@ -209,7 +210,7 @@ def main():
     command = "python bench/atpatch_latency.py " + " ".join(sys.argv[1:])
     out.parent.mkdir(parents=True, exist_ok=True)
     device_name = (torch.cuda.get_device_name() if args.device == "cuda"
-                   else platform.processor() or platform.machine())
+                   else cpu_name())
     out.with_suffix(".json").write_text(json.dumps({"command": command, "device_name": device_name,
                                                     "runs": runs}, indent=1))
     lines = ["# AtPatch added latency", "", f"Command: `{command}`", "", f"Device: {device_name}", "",

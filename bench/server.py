@@ -25,7 +25,6 @@ import asyncio
 import base64
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -36,9 +35,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ("bundle: the digits ViT BadNets model with the seed-0 detector of `python bench/atpatch_vision.py` "
-          "(50 epochs, τ = 0.1)")
+RECIPE = "bundle: the digits ViT BadNets model with the seed-0 detector of `python bench/atpatch_vision.py` (50 epochs)"
 sys.path.insert(0, str(ROOT))
+
+from machine import cpu_name  # noqa: E402  (bench/, this script's directory)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -184,8 +184,9 @@ def main() -> None:
 
     results = {"command": " ".join([".venv/bin/python", "bench/server.py", *sys.argv[1:]]),
                "bundle_version": version.id, "device": a.device, "threads": a.threads,
+               "atpatch": {k: version.manifest.get("atpatch", {}).get(k) for k in ("row_gate", "layers", "layer_thresholds")},
                "seconds_per_point": a.seconds, "rounds_c1": a.rounds,
-               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "cpu": cpu_name(), "cores": os.cpu_count(),
                "load_average_before": os.getloadavg(), "bare": {}, "paced": {}, "server": {}, "minimal": {}}
     bare = Bare(a.bundle, a.device)
     modes = ["off"] + (["on"] if bare.served.patcher is not None else [])
@@ -280,8 +281,9 @@ def main() -> None:
 
 
 def write_markdown(r: dict, path: Path) -> None:
-    lines = [f"# Server benchmark ({r['device']}, {r['threads']} torch thread(s), {r['cores']} cores shared)", "",
-             f"Command: `{r['command']}`; {RECIPE}.", "",
+    lines = [f"# Server benchmark ({r['device']}, {r['threads']} torch thread(s), {r['cores']} cores shared, {r['cpu']})", "",
+             f"Command: `{r['command']}`; {RECIPE}: row gate {r['atpatch']['row_gate']}, layers "
+             f"{r['atpatch']['layers']}, τ per layer {r['atpatch']['layer_thresholds']}.", "",
              f"Load average before/after (other jobs on the machine): {r['load_average_before']} / {r['load_average_after']}", "",
              "| configuration | p50 ms | p99 ms | throughput req/s | errors |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, v in r["bare"].items():

@@ -84,8 +84,7 @@ def _protected(data: TabularData, model, names: list[str]) -> list[Protected]:
 
 def build_detector(bundle: str | Path, protected: list[str] | None = None, epochs: int = 50,
                    threshold: float = 0.1, *, inversion_steps: int = 100, inversion_restarts: int = RESTARTS,
-                   n_clean: int = 600,
-                   max_rows: int = 4000, layer_tolerance: float = 0.005, calibrate: bool = True,
+                   n_clean: int = 600, max_rows: int = 4000, layer_tolerance: float = 0.005, calibrate: bool = True,
                    target_gate: bool = False, seed: int = 0, progress: bool = True, activate: bool = True):
     """Train the Detector and Q for the bundle's current version; write and return a new version.
     ``calibrate=False``: the paper's one τ for every layer (backdoor builds calibrate by default).

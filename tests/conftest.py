@@ -62,12 +62,12 @@ def digits_vit_badnets_atpatch(zoo_cache, digits_vit_badnets) -> Path:
     shared (atpatch, server, deploy tests): never write into it.
 
     The paper's defaults (τ = 0.1, 50 epochs) with the target gate (``--target-gate``): the build
-    takes ~2 min on 2 threads. Why gated: the model this fixture trains depends on the CPU's float
-    kernels. On an AVX-512 machine the trigger inversion finds the planted pattern shifted up one
-    patch, which draws 3.5x the clean attention (the planted one ~4x, at a much sharper peak), the
-    Detector trained on it flags 11-14 % of clean test images and ungated builds cost 5 pt of
-    accuracy on build seeds 0/1/2; gated ones cost 0 pt at ASR 0.3 % on all three. Builds are
-    deterministic on one machine (seed 0); the thresholds the tests assert are the issue's."""
+    takes under a minute on 2 threads. Why gated: the model this fixture trains depends on the
+    CPU's float kernels. On an AVX-512 machine the trigger inversion finds the planted pattern
+    shifted up one patch, which draws 3.5x the clean attention in layer 0; the Detector trained on
+    it flags 11-14 % of clean test images and ungated builds cost 5-7 pt of accuracy on build seeds
+    0/1/2, gated ones ±0 pt at ASR 0.3 % on all three (bench/results/atpatch_digits-avx512*.md).
+    Builds are deterministic on one machine (seed 0); the thresholds the tests assert are the issue's."""
     out = zoo_cache / "digits-vit-badnets-atpatch"
     if not (out / "CURRENT").exists():
         from offline.atpatch_build import build_detector

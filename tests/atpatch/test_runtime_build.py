@@ -13,6 +13,7 @@ from offline.defects import Trigger
 from repair.atpatch import benign as benign_io
 from repair.atpatch.detector import Detector, DetectorError, logit_threshold
 from repair.atpatch.runtime import AtPatch, CounterfactualGate, TargetClassGate, row_gate
+from repair.atpatch.trigger_inversion import RESTARTS
 from repair.attention import NoAttentionError
 from repair.bundle import Bundle, state_dict_for_saving
 from repair.models import build_model
@@ -35,6 +36,7 @@ def test_build_writes_a_child_version_with_detector_and_benign(digits_patched, d
     meta = v.manifest["atpatch"]
     assert meta["threshold"] == 0.1 and meta["seq_len"] == 17
     assert meta["inversion"]["target"] == 0  # Neural Cleanse found the real target
+    assert meta["inversion"]["restarts"] == RESTARTS
     assert set(meta["variant_selection"]) >= {"replace", "masked", "chosen"}
     assert meta["variants"]["backdoor"] in ("replace", "masked")
     assert all(k in meta["detector_metrics"] for k in ("precision", "recall", "f1", "fpr", "fnr"))
@@ -391,4 +393,6 @@ def test_protected_attributes_on_images_are_refused(digits_vit_badnets, copy_bun
         build_detector(path, protected=["race"], progress=False)
     with pytest.raises(ValueError, match="τ"):
         build_detector(path, threshold=1.5, progress=False)
+    with pytest.raises(BuildError, match="inversion restarts must be at least 1, got 0"):
+        build_detector(path, inversion_restarts=0, progress=False)
     assert Bundle(path).version_ids() == ["v0001"]
