@@ -53,7 +53,7 @@ def test_build_writes_a_child_version_with_detector_and_benign(digits_patched, d
     # the shared build is target-gated: served with its gate, τ searched downwards for every layer at once
     assert meta["row_gate"] == "target_class" and "patched_without_gate" in held
     taus, cal = meta["layer_thresholds"], meta["calibration"]
-    assert cal["method"] == "gated_lowest_threshold" and all(float(t) < 0.1 for t in cal["tried"])
+    assert cal["method"] == "gated_lowest_threshold" and cal["tried"] and all(float(t) < 0.1 for t in cal["tried"])
     assert taus == [cal["chosen"] or 0.1] * 3
     atp = AtPatch.from_version(v, v.build_model())
     try:
