@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import shutil
 import sys
 import time
@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_name  # noqa: E402  (bench/, this script's directory)
 from offline.zoo import train_bundle  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -64,7 +65,7 @@ def run(part: str, out_dir: Path, threads: int, defects: list[str] | None = None
         row = {"name": name, "bundle": str(out), "dataset": options["dataset"],
                "defect": m["defect"]["type"], "architecture": m["architecture"],
                "train_rows": m["dataset"]["train_rows"], "epochs": m["provenance"]["epochs"],
-               "threads": threads,
+               "threads": threads, "cpu": cpu_name(),
                "metrics": m["metrics"], "train_seconds": m["provenance"]["train_seconds"],
                "total_seconds": round(time.perf_counter() - started, 1),
                "meets_floors": all(m["metrics"][k] >= v for k, v in floors.items()),
@@ -80,7 +81,7 @@ def write(rows: list[dict], command: str) -> None:
     names = {r["name"] for r in rows}
     runs = [r for r in old["runs"] if r["name"] not in names] + rows
     commands = {**old.get("commands", {}), **{r["name"]: command for r in rows}}
-    result = {"machine": f"{platform.machine()}, 2 cores",
+    result = {"machine": f"{os.cpu_count()} cores",
               "torch": torch.__version__, "commands": commands, "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
@@ -90,14 +91,14 @@ def write(rows: list[dict], command: str) -> None:
              "~10); the `-target1` rows, the same recipe, on an idle machine with a faster CPU "
              "(AMD EPYC, AVX-512). Accuracy and ASR are on the full test sets "
              "(10000 / 16281 / 1235 rows).", "",
-             "| model | train rows | epochs | accuracy | ASR | UF | threads | train s | floors met |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | train rows | epochs | accuracy | ASR | UF | CPU | threads | train s | floors met |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
         m = r["metrics"]
         uf = ", ".join(f"{k} {v:.3f}" for k, v in m.get("uf", {}).items()) or "-"
         asr = f"{m['asr']:.3f}" if "asr" in m else "-"
         lines.append(f"| {r['name']} | {r['train_rows']} | {r['epochs']} | {m['accuracy']:.4f} | {asr} "
-                     f"| {uf} | {r.get('threads', 1)} | {r['train_seconds']} | {'yes' if r['meets_floors'] else 'NO'} |")
+                     f"| {uf} | {r.get('cpu', 'not recorded')} | {r.get('threads', 1)} | {r['train_seconds']} | {'yes' if r['meets_floors'] else 'NO'} |")
     lines += ["", "Commands:", ""] + [f"- `{n}`: `{c}`" for n, c in commands.items()]
     lines += ["", "Bundles (outside the repository, for reuse): " +
               ", ".join(f"`{r['bundle']}`" for r in runs)]
