@@ -33,6 +33,7 @@ from machine import cpu_name  # noqa: E402  (bench/, this script's directory)
 from offline.datasets import load_dataset  # noqa: E402
 from offline.defects import Trigger  # noqa: E402
 from repair.atpatch.runtime import AtPatch, TargetClassGate  # noqa: E402
+from repair.attention import AttentionAccess  # noqa: E402
 from repair.bundle import Bundle  # noqa: E402
 from repair.cuda_graphs import GraphedForward  # noqa: E402
 
@@ -51,6 +52,12 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
     version = Bundle(bundle).version()
     model = version.build_model(device)
     atp = AtPatch.from_version(version, model)
+    # Baselines as modules of their own without hooks (removing and reinstalling AtPatch's around
+    # each call would be timed with them, ~30 µs at batch 1) that share the hooked model's weight
+    # tensors: separate copies would be timed with a colder cache (measured: +17 % at batch 1).
+    fused_model, eager_model = (_sharing_weights(version, model) for _ in range(2))
+    for attn in AttentionAccess.for_model(eager_model).modules:
+        attn.fused_attn = False   # what AtPatch hooks: the eager attention
     data = load_dataset(version.manifest["dataset"]["name"])
     trig = Trigger.from_tensors(version.tensors("defect"))
     target = version.manifest["defect"]["target_class"]
@@ -69,19 +76,10 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
         xf = false_flags[torch.arange(bs) % len(false_flags)]  # few clean images are flagged: repeat them
 
         def fused(x=xc):
-            with atp.bare(), torch.no_grad():
-                return model(x)
+            return fused_model(x)
 
         def eager(x=xc):
-            with atp.bare(), torch.no_grad():
-                fused_before = [m.fused_attn for m in atp.access.modules]
-                for m in atp.access.modules:
-                    m.fused_attn = False
-                try:
-                    return model(x)
-                finally:
-                    for m, was in zip(atp.access.modules, fused_before):
-                        m.fused_attn = was
+            return eager_model(x)
 
         def gated(x):
             atp.gate = gate
@@ -94,7 +92,8 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
                 "on-clean": lambda: atp(xc, "on"), "on-patch": lambda: atp(xb, "on"),
                 "gated-clean": lambda: gated(xc), "gated-flagged": lambda: gated(xf),
                 "gated-patch": lambda: gated(xb)}
-        times = _timings(runs, reps, device)
+        with torch.inference_mode():  # every variant, as the server runs its passes (``Served._pass``)
+            times = _timings(runs, reps, device)
         med = _medians_ms(times)
         results[f"batch{bs}"] = {
             "median_ms": {k: round(v, 4) for k, v in med.items()},
@@ -112,6 +111,13 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
     atp.remove()
     return {"device": str(device), "threads": threads, "reps": reps, "bundle": bundle,
             "version": version.id, "results": results}
+
+
+def _sharing_weights(version, model: torch.nn.Module) -> torch.nn.Module:
+    """A second instance of the version's architecture whose parameters are ``model``'s tensors."""
+    twin = version.build_model("meta")
+    twin.load_state_dict(model.state_dict(), assign=True)
+    return twin.eval()
 
 
 def _timings(runs: dict, reps: int, device) -> dict[str, list[float]]:

@@ -7,9 +7,15 @@ may return a replacement map of the same shape (or ``None`` to keep it). How eac
 is reached (measured on the pinned versions):
 
 - timm ``VisionTransformer``: ``fused_attn = False`` on each ``Attention``; a forward hook on
-  ``blocks[i].attn.attn_drop`` sees the softmax output and its return value replaces it.
-  The eager path costs more than the fused ``scaled_dot_product_attention`` (see
-  ``bench/results/atpatch_latency.md``); it is what makes the map visible at all.
+  ``blocks[i].attn.attn_drop`` sees the softmax output and its return value replaces it. The
+  eager path is what makes the map visible at all. While anything is installed, the layers not
+  hooked run eager too: the model is then exactly the eager model plus the hooks (``fn``
+  returning ``None`` everywhere gives its logits bit for bit, whichever layers are hooked), and
+  it is never slowed by torch's fused CPU attention, which on some CPUs costs more than the
+  eager one. Measured on an AMD EPYC with AVX-512 (digits ViT, batch 64, 2 threads): 575 µs per
+  fused call against ~120 µs eager; with layers 1-2 left fused, the unpatched request cost
+  +35 % over the eager forward, all eager +11 % (two runs each, alternated; the committed run
+  is ``bench/results/atpatch_latency.md``).
 - rtdl ``FTTransformer``: attention dropout is ``None`` at rate 0, so an ``nn.Dropout(0.0)`` is
   put there to hook; its map is ``(B*H, Nq, N)`` and is viewed as ``(B, H, Nq, N)``. The last block
   attends from ``[CLS]`` only, so that layer's map is ``1 x N``.
@@ -91,18 +97,17 @@ class AttentionAccess:
 
     def install(self, fn: AttnFn, layers: list[int] | None = None) -> None:
         """Call ``fn(layer, attn)`` at each of ``layers`` (default: all) in every forward; its return
-        replaces ``attn``. Layers not hooked keep their own (possibly fused) attention."""
+        replaces ``attn``. Every layer runs its eager attention until ``remove``."""
         self.remove()
         hooked = set(range(self.n_layers) if layers is None else layers)
         if self.kind == "timm-vit":
             for i, attn in enumerate(self.modules):
-                if i not in hooked:
-                    continue
                 prev = attn.fused_attn
                 attn.fused_attn = False
                 self._restore.append(lambda a=attn, p=prev: setattr(a, "fused_attn", p))
-                self._handles.append(attn.attn_drop.register_forward_hook(
-                    lambda _m, _inp, out, i=i: fn(i, out)))
+                if i in hooked:
+                    self._handles.append(attn.attn_drop.register_forward_hook(
+                        lambda _m, _inp, out, i=i: fn(i, out)))
         elif self.kind == "ft-transformer":
             heads = self.num_heads
             for i, attn in enumerate(self.modules):

@@ -80,6 +80,7 @@ class Detector(nn.Module):
         # τ = 0.1 would flag every column until training has pushed all of them down.
         nn.init.constant_(self.out.bias, -4.0)
         self._fast: dict | None = None
+        self._sum_forms: dict[tuple[int, int, int], dict] = {}   # logits_from_heads' weights per map shape
 
     def set_benign(self, benign: list[torch.Tensor]) -> None:
         for l, q in enumerate(benign):
@@ -144,27 +145,59 @@ class Detector(nn.Module):
                       "mix_b": [(self.mix.bias + self.layer_emb[l, :, 0] + self.token_emb.t()).detach().contiguous()
                                 for l in range(self.n_layers)],
                       "out_w": self.out.weight.detach()[0, :, 0].abs(), "out_b": self.out.bias.detach()}
+        self._fast["mix_w_t"] = self._fast["mix_w"].t().contiguous()                 # (hidden, C)
+        self._fast["mix_b_t"] = [m.t().contiguous() for m in self._fast["mix_b"]]    # (hidden, N)
+        self._sum_forms = {}
 
     def logits_from_heads(self, attn: torch.Tensor, layer: int) -> torch.Tensor:
         """Logits ``(B, N)`` from the per-head map ``(B, H, Nq, N)`` (after ``prepare``): the same
-        function as ``forward(attn.mean(1))``, with the convolutions as matrix products on
-        ``(B·N, features)`` rows (measured: a third faster than ``conv1d`` at batch 64).
+        function as ``forward(attn.mean(1))`` in as few CPU ops as we found (16). It reads the
+        head *sum* ``s = H·a`` and row *sums*, and the 1/H, 1/Nq and the log H these leave in the
+        features are folded into the weights (``_sum_form``); the profile stays channels first,
+        so the convolutions are two batched products.
 
-        On the CPU its ~20 ops cost 2-3x more inside the forward than back to back (cold between
-        the model's own ops). Timed there against this form and not kept: fewer ops (sums with
-        the scales folded into the weights, fused addmm + ReLU, addmv) −5 %; NumPy: no faster;
-        torch.compile: slower (``README.md``, AtPatch added latency); TorchScript: no faster
-        (+10.3 vs +7.9 % at batch 1, +10.9 vs +9.6 % at 64, one run), and its CPU fuser needs an
-        LLVM backend the pinned torch lacks."""
-        f = self._fast
-        prof = self._column_profile(attn, layer)                                       # (B, N, 4)
-        b, n = prof.shape[:2]
+        On the CPU each op costs 2-3x more inside the forward than back to back (cold between
+        the model's own ops), so the count of ops is what matters. Timed inside the digits ViT's
+        forward (2 threads, AVX-512 EPYC): 68 → 56 µs at batch 1, 215 → 193 µs at batch 64
+        against the earlier form (means, rows channels last, three products). Tried before and
+        not kept: NumPy (no faster); torch.compile (slower, ``README.md``, AtPatch added
+        latency); TorchScript (no faster, and its CPU fuser needs an LLVM backend the pinned
+        torch lacks)."""
+        b, heads, nq, n = attn.shape
+        w = self._sum_form(layer, heads, nq)
+        s = attn.sum(1)                                                                # (B, Nq, N)
+        # log(s + Hε) − log Q = log(a + ε) − log Q + log H: the ratio of Eq. 10, shifted by log H
+        ratio = (s + heads * _EPS).log_().add_(getattr(self, f"log_inv_benign{layer}"))
+        both = torch.cat([s, ratio], -1)                                               # (B, Nq, 2N)
+        prof = torch.cat([both.sum(1), both.amax(1)], 1).view(b, _PROFILE, n)          # (B, 4, N)
         # torch.median's (lower) median, which kthvalue computes in about half the time here
-        shift = prof.kthvalue((n + 1) // 2, 1).values @ f["median_w"]                  # (B, C)
-        z = torch.addmm(f["conv_b"], prof.view(b * n, _PROFILE), f["conv_w"]).view(b, n, -1)
-        z = z.sub_(shift.unsqueeze(1)).relu_().view(b * n, -1)                         # (B·N, C)
-        h = (z @ f["mix_w"]).view(b, n, -1).add_(f["mix_b"][layer]).relu_()            # (B, N, hidden)
-        return (h @ f["out_w"]).add_(f["out_b"])
+        median = prof.kthvalue((n + 1) // 2, -1).values                               # (B, 4)
+        bias = torch.addmm(w["conv_b"], median, w["neg_median_w"])                    # (B, C)
+        z = torch.baddbmm(bias.unsqueeze(-1), w["conv_w"].expand(b, -1, -1), prof).relu_()
+        f = self._fast
+        h = torch.baddbmm(f["mix_b_t"][layer], f["mix_w_t"].expand(b, -1, -1), z).relu_()
+        return torch.matmul(f["out_w"], h).add_(f["out_b"])                           # (B, N)
+
+    def _sum_form(self, layer: int, heads: int, nq: int) -> dict:
+        """``logits_from_heads``' first-layer weights for maps of ``heads`` heads and ``nq`` rows,
+        made once per (layer, heads, rows), with tensor ops only (no host-to-device copy, so
+        also inside a CUDA graph capture). Its profile ``p'`` holds the sums ``H·Nq·mean(a)``,
+        ``Nq·(mean(r) + log H)``, ``H·max(a)``, ``max(r) + log H``, i.e. ``p = scale·p' − L`` with
+        ``L = (0, log H, 0, log H)``; ``scale > 0`` keeps the columns' order, so the median moves
+        alike, and ``W·p + b − W_m·med(p) = (scale·W)·p' − (scale·W_m)·med(p') + b − (W − W_m)·L``."""
+        key = (layer, heads, nq)
+        w = self._sum_forms.get(key)
+        if w is None:
+            f = self._fast
+            scale = (1 / (heads * nq), 1 / nq, 1 / heads, 1.0)
+            log_h = math.log(heads)
+            conv_w = torch.stack([row * c for row, c in zip(f["conv_w"], scale)])      # (4, C)
+            median_w = torch.stack([row * c for row, c in zip(f["median_w"], scale)])
+            plain_w = f["conv_w"] - f["median_w"]     # the weights of p itself, not of p − med(p)
+            w = {"conv_w": conv_w.t().contiguous(), "neg_median_w": (-median_w).contiguous(),
+                 "conv_b": f["conv_b"] - log_h * (plain_w[1] + plain_w[3])}
+            self._sum_forms[key] = w
+        return w
 
     def logits_fusable(self, attn: torch.Tensor, layer: int) -> torch.Tensor:
         """``logits_from_heads`` written for torch.compile on a GPU: the 4-, 16- and 32-wide

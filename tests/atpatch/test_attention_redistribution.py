@@ -62,6 +62,25 @@ def test_replacement_changes_the_forward(name):
     assert not torch.allclose(before, after)
 
 
+def test_hooking_one_layer_of_a_timm_vit_runs_every_layer_eager():
+    """Installed on layer 0 only, the model is the eager model plus the hook, bit for bit; ``remove``
+    gives every layer its fused attention back."""
+    torch.manual_seed(0)
+    model, eager = build_model({"arch": "vit"}).eval(), build_model({"arch": "vit"}).eval()
+    eager.load_state_dict(model.state_dict())
+    for attn in AttentionAccess.for_model(eager).modules:
+        attn.fused_attn = False
+    access = AttentionAccess.for_model(model)
+    assert all(attn.fused_attn for attn in access.modules)
+    x = torch.rand(3, 1, 16, 16)
+    access.install(lambda layer, attn: None, layers=[0])
+    assert not any(attn.fused_attn for attn in access.modules)
+    with torch.no_grad():
+        assert torch.equal(model(x), eager(x))
+    access.remove()
+    assert all(attn.fused_attn for attn in access.modules)
+
+
 def test_model_without_attention_is_refused():
     with pytest.raises(NoAttentionError, match="resnet18"):
         AttentionAccess.for_model(build_model({"arch": "resnet18"}))
