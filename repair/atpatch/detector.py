@@ -152,9 +152,9 @@ class Detector(nn.Module):
     def logits_from_heads(self, attn: torch.Tensor, layer: int) -> torch.Tensor:
         """Logits ``(B, N)`` from the per-head map ``(B, H, Nq, N)`` (after ``prepare``): the same
         function as ``forward(attn.mean(1))`` in as few CPU ops as we found (16). It reads the
-        head *sum* ``s = H·a`` and row *sums*, and the 1/H, 1/Nq and the log H these leave in the
-        features are folded into the weights (``_sum_form``); the profile stays channels first,
-        so the convolutions are two batched products.
+        head *sum* ``s = H·a`` and row *sums*, and the 1/H and 1/Nq these leave in the features
+        are folded into the weights (``_sum_form``); the profile stays channels first, so the
+        convolutions are two batched products.
 
         On the CPU each op costs 2-3x more inside the forward than back to back (cold between
         the model's own ops), so the count of ops is what matters. Timed inside the digits ViT's
@@ -166,13 +166,13 @@ class Detector(nn.Module):
         b, heads, nq, n = attn.shape
         w = self._sum_form(layer, heads, nq)
         s = attn.sum(1)                                                                # (B, Nq, N)
-        # log(s + Hε) − log Q = log(a + ε) − log Q + log H: the ratio of Eq. 10, shifted by log H
-        ratio = (s + heads * _EPS).log_().add_(getattr(self, f"log_inv_benign{layer}"))
+        # the log-ratio of Eq. 10 in one product: log((a + ε) / (Q + ε)) = log(s·q/H + ε·q)
+        ratio = torch.addcmul(w["eps_q"], s, w["q_per_head"]).log_()
         both = torch.cat([s, ratio], -1)                                               # (B, Nq, 2N)
         prof = torch.cat([both.sum(1), both.amax(1)], 1).view(b, _PROFILE, n)          # (B, 4, N)
         # torch.median's (lower) median, which kthvalue computes in about half the time here
         median = prof.kthvalue((n + 1) // 2, -1).values                               # (B, 4)
-        bias = torch.addmm(w["conv_b"], median, w["neg_median_w"])                    # (B, C)
+        bias = torch.addmm(self._fast["conv_b"], median, w["neg_median_w"])           # (B, C)
         z = torch.baddbmm(bias.unsqueeze(-1), w["conv_w"].expand(b, -1, -1), prof).relu_()
         f = self._fast
         h = torch.baddbmm(f["mix_b_t"][layer], f["mix_w_t"].expand(b, -1, -1), z).relu_()
@@ -180,22 +180,21 @@ class Detector(nn.Module):
 
     def _sum_form(self, layer: int, heads: int, nq: int) -> dict:
         """``logits_from_heads``' first-layer weights for maps of ``heads`` heads and ``nq`` rows,
-        made once per (layer, heads, rows), with tensor ops only (no host-to-device copy, so
-        also inside a CUDA graph capture). Its profile ``p'`` holds the sums ``H·Nq·mean(a)``,
-        ``Nq·(mean(r) + log H)``, ``H·max(a)``, ``max(r) + log H``, i.e. ``p = scale·p' − L`` with
-        ``L = (0, log H, 0, log H)``; ``scale > 0`` keeps the columns' order, so the median moves
-        alike, and ``W·p + b − W_m·med(p) = (scale·W)·p' − (scale·W_m)·med(p') + b − (W − W_m)·L``."""
+        made once per (layer, heads, rows) with tensor ops only (no host-to-device copy, so also
+        inside a CUDA graph capture). Its profile ``p'`` holds the sums ``H·Nq·mean(a)``,
+        ``Nq·mean(r)``, ``H·max(a)``, ``max(r)``, i.e. ``p = scale·p'``; ``scale > 0`` keeps the
+        columns' order, so the median scales alike and ``W·p − W_m·med(p) = (scale·W)·p' −
+        (scale·W_m)·med(p')``."""
         key = (layer, heads, nq)
         w = self._sum_forms.get(key)
         if w is None:
             f = self._fast
             scale = (1 / (heads * nq), 1 / nq, 1 / heads, 1.0)
-            log_h = math.log(heads)
             conv_w = torch.stack([row * c for row, c in zip(f["conv_w"], scale)])      # (4, C)
             median_w = torch.stack([row * c for row, c in zip(f["median_w"], scale)])
-            plain_w = f["conv_w"] - f["median_w"]     # the weights of p itself, not of p − med(p)
+            q = getattr(self, f"log_inv_benign{layer}").exp()                          # 1 / (Q + ε)
             w = {"conv_w": conv_w.t().contiguous(), "neg_median_w": (-median_w).contiguous(),
-                 "conv_b": f["conv_b"] - log_h * (plain_w[1] + plain_w[3])}
+                 "q_per_head": q / heads, "eps_q": q * _EPS}
             self._sum_forms[key] = w
         return w
 
