@@ -8,14 +8,14 @@ is reached (measured on the pinned versions):
 
 - timm ``VisionTransformer``: ``fused_attn = False`` on each ``Attention``; a forward hook on
   ``blocks[i].attn.attn_drop`` sees the softmax output and its return value replaces it. The
-  eager path is what makes the map visible at all. While anything is installed, the layers not
-  hooked run eager too: the model is then exactly the eager model plus the hooks (``fn``
-  returning ``None`` everywhere gives its logits bit for bit, whichever layers are hooked), and
-  it is never slowed by torch's fused CPU attention, which on some CPUs costs more than the
-  eager one. Measured on an AMD EPYC with AVX-512 (digits ViT, batch 64, 2 threads): 575 µs per
-  fused call against ~120 µs eager; with layers 1-2 left fused, the unpatched request cost
-  +35 % over the eager forward, all eager +11 % (two runs each, alternated; the committed run
-  is ``bench/results/atpatch_latency.md``).
+  eager path is what makes the map visible at all. With ``all_eager`` the layers not hooked run
+  eager too, and the model is exactly the eager model plus the hooks (``fn`` returning ``None``
+  gives its logits bit for bit, whichever layers are hooked). AtPatch asks for it on the CPU,
+  where torch's fused attention can cost more than the eager one: on an AMD EPYC with AVX-512
+  (digits ViT, batch 64, 2 threads) 575 µs per fused call against ~120 µs eager; with layers
+  1-2 left fused the unpatched request cost +35 % over the eager forward, all eager +11 % (two
+  runs each, alternated; the committed run is ``bench/results/atpatch_latency.md``). On a GPU
+  the fused kernels are the fast ones, so layers not hooked keep them there.
 - rtdl ``FTTransformer``: attention dropout is ``None`` at rate 0, so an ``nn.Dropout(0.0)`` is
   put there to hook; its map is ``(B*H, Nq, N)`` and is viewed as ``(B, H, Nq, N)``. The last block
   attends from ``[CLS]`` only, so that layer's map is ``1 x N``.
@@ -95,13 +95,16 @@ class AttentionAccess:
 
     # -- installing ----------------------------------------------------------------------------
 
-    def install(self, fn: AttnFn, layers: list[int] | None = None) -> None:
+    def install(self, fn: AttnFn, layers: list[int] | None = None, all_eager: bool = False) -> None:
         """Call ``fn(layer, attn)`` at each of ``layers`` (default: all) in every forward; its return
-        replaces ``attn``. Every layer runs its eager attention until ``remove``."""
+        replaces ``attn``. Layers not hooked keep their own (possibly fused) attention, or with
+        ``all_eager`` run the eager one too, until ``remove``."""
         self.remove()
         hooked = set(range(self.n_layers) if layers is None else layers)
         if self.kind == "timm-vit":
             for i, attn in enumerate(self.modules):
+                if i not in hooked and not all_eager:
+                    continue
                 prev = attn.fused_attn
                 attn.fused_attn = False
                 self._restore.append(lambda a=attn, p=prev: setattr(a, "fused_attn", p))

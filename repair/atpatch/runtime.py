@@ -191,7 +191,9 @@ class AtPatch:
         # GPU: decide with tensor ops only (capturable, no host sync). CPU: read the flags and
         # skip Γ for layers with nothing flagged. Tests set it on the CPU to check the GPU path.
         self.tensor_only = device.type != "cpu"
-        self.access.install(self._hook, self.layers)
+        # CPU: every layer eager (torch's fused CPU attention can be the slower one; ``repair.attention``)
+        self._all_eager = device.type == "cpu"
+        self._install()
 
     # -- construction from a bundle version -----------------------------------------------------
 
@@ -333,7 +335,7 @@ class AtPatch:
             return self._forward(x)
         finally:
             self._observer = None
-            self.access.install(self._hook, self.layers)
+            self._install()
 
     @contextmanager
     def bare(self):
@@ -343,7 +345,10 @@ class AtPatch:
         try:
             yield self.model
         finally:
-            self.access.install(self._hook, self.layers)
+            self._install()
+
+    def _install(self) -> None:
+        self.access.install(self._hook, self.layers, all_eager=self._all_eager)
 
     def remove(self) -> None:
         self.access.remove()

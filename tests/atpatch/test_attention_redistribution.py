@@ -62,9 +62,10 @@ def test_replacement_changes_the_forward(name):
     assert not torch.allclose(before, after)
 
 
-def test_hooking_one_layer_of_a_timm_vit_runs_every_layer_eager():
-    """Installed on layer 0 only, the model is the eager model plus the hook, bit for bit; ``remove``
-    gives every layer its fused attention back."""
+def test_hooking_one_layer_of_a_timm_vit_all_eager():
+    """Installed on layer 0 only with ``all_eager``, the model is the eager model plus the hook,
+    bit for bit; ``remove`` gives every layer its fused attention back. Without it only the hooked
+    layer is eager."""
     torch.manual_seed(0)
     model, eager = build_model({"arch": "vit"}).eval(), build_model({"arch": "vit"}).eval()
     eager.load_state_dict(model.state_dict())
@@ -74,6 +75,8 @@ def test_hooking_one_layer_of_a_timm_vit_runs_every_layer_eager():
     assert all(attn.fused_attn for attn in access.modules)
     x = torch.rand(3, 1, 16, 16)
     access.install(lambda layer, attn: None, layers=[0])
+    assert [attn.fused_attn for attn in access.modules] == [False] + [True] * (access.n_layers - 1)
+    access.install(lambda layer, attn: None, layers=[0], all_eager=True)
     assert not any(attn.fused_attn for attn in access.modules)
     with torch.no_grad():
         assert torch.equal(model(x), eager(x))

@@ -227,7 +227,7 @@ def test_only_the_chosen_layers_are_hooked(patched):
     version, _, atp = patched
     layers = version.manifest["atpatch"]["layers"]
     assert atp.layers == layers
-    # every layer runs the eager attention while AtPatch is installed, hooked or not
+    # on the CPU every layer runs the eager attention while AtPatch is installed, hooked or not
     assert [m.fused_attn for m in atp.access.modules] == [False] * 3
     x = load_dataset("digits").x_test[:64]
     on = atp(x, "on")
