@@ -54,7 +54,7 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
     atp = AtPatch.from_version(version, model)
     # Baselines as modules of their own without hooks (removing and reinstalling AtPatch's around
     # each call would be timed with them, ~30 µs at batch 1) that share the hooked model's weight
-    # tensors: separate copies would be timed with a colder cache (measured: +17 % at batch 1).
+    # tensors: separate copies would be timed with a colder cache (measured: +10 to +17 % at batch 1).
     fused_model, eager_model = (_sharing_weights(version, model) for _ in range(2))
     for attn in AttentionAccess.for_model(eager_model).modules:
         attn.fused_attn = False   # what AtPatch hooks: the eager attention

@@ -164,7 +164,7 @@ class Detector(nn.Module):
         latency); TorchScript (no faster, and its CPU fuser needs an LLVM backend the pinned
         torch lacks)."""
         b, heads, nq, n = attn.shape
-        w = self._sum_form(layer, heads, nq)
+        f, w = self._fast, self._sum_form(layer, heads, nq)
         s = attn.sum(1)                                                                # (B, Nq, N)
         # the log-ratio of Eq. 10 in one product: log((a + ε) / (Q + ε)) = log(s·q/H + ε·q)
         ratio = torch.addcmul(w["eps_q"], s, w["q_per_head"]).log_()
@@ -172,9 +172,8 @@ class Detector(nn.Module):
         prof = torch.cat([both.sum(1), both.amax(1)], 1).view(b, _PROFILE, n)          # (B, 4, N)
         # torch.median's (lower) median, which kthvalue computes in about half the time here
         median = prof.kthvalue((n + 1) // 2, -1).values                               # (B, 4)
-        bias = torch.addmm(self._fast["conv_b"], median, w["neg_median_w"])           # (B, C)
+        bias = torch.addmm(f["conv_b"], median, w["neg_median_w"])                    # (B, C)
         z = torch.baddbmm(bias.unsqueeze(-1), w["conv_w"].expand(b, -1, -1), prof).relu_()
-        f = self._fast
         h = torch.baddbmm(f["mix_b_t"][layer], f["mix_w_t"].expand(b, -1, -1), z).relu_()
         return torch.matmul(f["out_w"], h).add_(f["out_b"])                           # (B, N)
 
