@@ -41,11 +41,13 @@ def _zoo_pair(a):
 
 def _atpatch_build(a):
     from offline.atpatch_build import build_detector
+    from repair.atpatch.trigger_inversion import RESTARTS
 
     protected = [s for s in (a.protected or "").split(",") if s]
+    restarts = RESTARTS if a.inversion_restarts is None else a.inversion_restarts
     version = build_detector(a.bundle, protected=protected, epochs=a.epochs, threshold=a.threshold,
                              calibrate=not a.no_calibration, target_gate=a.target_gate,
-                             inversion_restarts=a.inversion_restarts)
+                             inversion_restarts=restarts)
     meta = version.manifest.get("atpatch", {})
     for warning in meta.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
@@ -129,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-gate", action="store_true",
                    help="backdoor: patch only requests the bare model answers with the target class (a false "
                         "flag then costs no accuracy; an attacked request costs two forward passes)")
-    p.add_argument("--inversion-restarts", type=int, default=6,
-                   help="backdoor: random starts per class of the trigger inversion (Eq. 3 is non-convex)")
+    # default: repair.atpatch.trigger_inversion.RESTARTS, read when the command runs (keeps this import-light)
+    p.add_argument("--inversion-restarts", type=int,
+                   help="backdoor: random starts per class of the trigger inversion (Eq. 3 is non-convex; default 6)")
     p.set_defaults(func=_atpatch_build)
 
     p = sub.add_parser("rectify", help="rank-one rectification from a clean/corrupt pair")
