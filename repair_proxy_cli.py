@@ -59,12 +59,13 @@ def _atpatch_build(a):
 
 
 def _rectify(a):
-    from offline.rectify import VALIDATION_SAMPLES, rectify_from_files
+    from offline.rectify import STRESS, VALIDATION_SAMPLES, rectify_from_files
 
     validation = VALIDATION_SAMPLES if a.validation is None else a.validation
+    stress = STRESS if a.stress is None else a.stress
     result = rectify_from_files(a.bundle, clean=a.clean, corrupt=a.corrupt, label=a.label,
                                 budget=a.budget, gap=a.gap, static=a.static, layer=a.layer,
-                                validation=validation)
+                                validation=validation, stress=stress)
     print(json.dumps(result))
 
 
@@ -147,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation", type=int,
                    help="check ε on this many of the last training images (default 500; 2000 on "
                         "large data sets)")
+    # default: repair.editing.dynamic.STRESS, read when the command runs
+    p.add_argument("--stress", type=float,
+                   help="a round that closes the pair's gap must also help the pair with its "
+                        "corruption amplified this many times; 0: off, the paper's Algorithm 1 "
+                        "(default 2)")
     p.add_argument("--static", action="store_true", help="edit one fixed layer (the last)")
     p.add_argument("--layer", help="edit this layer instead of localising one")
     p.set_defaults(func=_rectify)

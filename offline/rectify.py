@@ -18,7 +18,7 @@ import torch
 
 from offline.datasets import load_dataset
 from repair.bundle import Bundle, BundleError, state_dict_for_saving
-from repair.editing.dynamic import prediction_gap, rectify
+from repair.editing.dynamic import STRESS, prediction_gap, rectify
 from repair.editing.keystats import compute_keystats, stats_from_tensors, stats_to_tensors
 from repair.editing.layers import editable_layers
 
@@ -29,6 +29,7 @@ KEYSTATS_SAMPLES = 1024   # clean training images for C = K Kᵀ
 # estimate a 1 pt drop only to about ± 1 pt (Fashion-MNIST ViT: `bench/results/rectify.md`).
 VALIDATION_SAMPLES = 500
 ANCHOR_SAMPLES = 64      # clean inputs held in place when a round that broke the budget is retried
+MAX_STRESS = 10.0        # past this the stressed pairs are the trigger alone, clipped
 
 
 class RectifyError(ValueError):
@@ -79,11 +80,14 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
                    label: int | None = None, budget: float = 0.01, gap: float = 0.001,
                    static: bool = False, layer: str | None = None, progress: bool = True,
                    activate: bool = True, epochs: int = 1000, max_rounds: int = 10,
-                   device: str = "cpu", validation: int = VALIDATION_SAMPLES) -> dict:
+                   device: str = "cpu", validation: int = VALIDATION_SAMPLES,
+                   stress: float = STRESS) -> dict:
     """Rectify the current version with the pair(s) ``(clean, corrupt)``; see module docstring.
 
     ``clean``/``corrupt``: ``(C, H, W)`` in [0, 1] at the model's input size (or ``(n, C, H, W)``
     for n pairs). ``validation``: how many of the last training images the budget is checked on.
+    ``stress``: the amplification of the stressed pairs a round closing the gap must also help (0: off,
+    the paper's loop; :mod:`repair.editing.dynamic`).
     Raises :class:`RectifyError` before anything is written on bad input.
     """
     started = time.perf_counter()
@@ -99,6 +103,9 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
                            f"differ in shape")
     if not 0 <= budget < 1 or not 0 <= gap < 1:
         raise RectifyError(f"budget and gap must lie in [0, 1), got {budget} and {gap}")
+    if isinstance(stress, bool) or not isinstance(stress, (int, float)) or not (
+            stress == 0 or 1 < stress <= MAX_STRESS):
+        raise RectifyError(f"stress must be 0 (off) or lie in (1, {MAX_STRESS}], got {stress!r}")
     model = parent.build_model(device)
     layers = editable_layers(model)
     if layer is not None and layer not in layers:
@@ -137,7 +144,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     val_x, val_y = x_train[-validation:], y_train[-validation:]
     outcome = rectify(model, layers, stats, clean_b, corrupt_b, labels, val_x, val_y,
                       budget=budget, gap=gap, epochs=epochs, max_rounds=max_rounds, static=static,
-                      layer=layer, progress=progress, anchors=x_train[:ANCHOR_SAMPLES].to(device))
+                      layer=layer, progress=progress, anchors=x_train[:ANCHOR_SAMPLES].to(device),
+                      stress=stress or None)
 
     pairs = [{"clean": _pair_hash(c), "corrupt": _pair_hash(k)} for c, k in zip(clean_b, corrupt_b)]
     edits = [{"method": "rank-one", "layer": e.layer, "round": i + 1,
@@ -150,16 +158,20 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
         after_clean = model(clean_b).argmax(-1)
         after_corrupt = model(corrupt_b).argmax(-1)
     before = {"accuracy": outcome.accuracy_before, "gap": gap_before,
+              "stress_gap": outcome.stress_gap_before,
               "clean_pred": clean_pred.tolist(), "corrupt_pred": corrupt_pred.tolist()}
     after = {"accuracy": outcome.accuracy_after, "gap": outcome.gap_after,
+             "stress_gap": outcome.stress_gap_after,
              "clean_pred": after_clean.tolist(), "corrupt_pred": after_corrupt.tolist()}
     rounds = [{"layer": r.layer, "accuracy_drop": r.accuracy_drop, "gap": r.gap, "kept": r.kept,
-               "anchored": r.anchored, "completeness_error": r.completeness_error}
+               "anchored": r.anchored, "stress_gap": r.stress_gap,
+               "completeness_error": r.completeness_error}
               for r in outcome.rounds]
     manifest = {k: v for k, v in parent.manifest.items()
                 if k not in ("id", "parent", "created", "files")}
     manifest["rectification"] = {"mode": "layer" if layer else "static" if static else "dynamic",
                                  "budget": budget, "gap": gap, "validation": int(validation),
+                                 "stress": stress,
                                  "labels": labels.tolist(),
                                  "pairs": pairs, "rounds": rounds, "before": before, "after": after}
     manifest["provenance"] = dict(parent.manifest.get("provenance", {}), created_by="rectify")

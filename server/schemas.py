@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from offline.rectify import VALIDATION_SAMPLES
+from offline.rectify import MAX_STRESS, STRESS, VALIDATION_SAMPLES
 
 PatchMode = Literal["on", "off", "shadow"]
 
@@ -60,8 +60,18 @@ class RectifyRequest(BaseModel):
     gap: float = Field(default=0.001, gt=0, lt=1, description="δ: target gap")
     validation: int = Field(default=VALIDATION_SAMPLES, ge=1, le=1_000_000,
                             description="training images (the last ones) on which ε is checked")
+    stress: float = Field(default=STRESS, ge=0, le=MAX_STRESS,
+                          description="amplification of the stressed pair that a round closing "
+                                      "the gap must also help; 0: off (the paper's Algorithm 1)")
     static: bool = False
     layer: str | None = Field(default=None, max_length=200)
+
+    @field_validator("stress")
+    @classmethod
+    def _stress_off_or_above_one(cls, value: float) -> float:
+        if 0 < value <= 1:
+            raise ValueError("stress must be 0 (off) or greater than 1")
+        return value
 
 
 class RectifyAccepted(BaseModel):

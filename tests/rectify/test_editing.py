@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from offline.defects import blend_trigger
+from repair.editing.dynamic import stressed_pairs
 from repair.editing.keystats import compute_keystats
 from repair.editing.layers import (capture_inputs_outputs, editable_layers, rank_one_hook,
                                    resolve_layer, LayerError)
@@ -173,3 +175,15 @@ def test_a_round_that_breaks_the_budget_is_retried_with_clean_inputs_held(digits
                   epochs=100, progress=False)
     assert [(r.anchored, r.kept) for r in out.rounds] == [(True, False)] and out.edits == []
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_stressed_pair_of_a_blend_is_the_blend_at_twice_the_visibility():
+    """``x + 2(x̃ − x)`` for a Blend at φ = 0.3 is the Blend at 0.6; clipped to the pairs' range."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 16, 16)
+    low = blend_trigger((1, 16, 16), visibility=0.3)
+    high = blend_trigger((1, 16, 16), visibility=0.6, pattern=low.pattern)
+    assert torch.allclose(stressed_pairs(x, low.apply(x), 2.0), high.apply(x), atol=1e-6)
+    far = stressed_pairs(x, low.apply(x), 10.0)
+    lo, hi = min(x.min(), low.apply(x).min()), max(x.max(), low.apply(x).max())
+    assert far.min() >= lo and far.max() <= hi and far.min() == lo  # 10x overshoots, then clipped

@@ -13,6 +13,7 @@ from offline.defects import Trigger
 from offline.rectify import RectifyError, rectify_from_files, rectify_images
 from repair.bundle import Bundle
 from repair.bundle import copy_bundle as _copy_bundle
+from repair.editing.dynamic import STRESS, stressed_pairs
 from repair.metrics import accuracy, attack_success_rate
 
 
@@ -52,6 +53,25 @@ def test_digits_vit_n1_meets_issue_numbers(rectified):
     assert asr <= 0.05, asr
     assert drop <= 0.01, drop
     assert result["layers"] and result["rounds"] >= 1
+
+
+def test_the_fix_holds_at_twice_the_corruption(rectified):
+    """Stressed pair (x + 2(x̃ − x)): the parent answers it with the target, the new version
+    with the clean label, and every kept round that closed the pair's gap lowered the stressed
+    gap too (repair.editing.dynamic)."""
+    dst, parent, _, result, _, _, clean, corrupt, label = rectified
+    stressed = stressed_pairs(clean[None], corrupt[None])
+    with torch.no_grad():
+        assert parent.build_model()(stressed).argmax(-1).item() == 0
+        assert Bundle(dst).version().build_model()(stressed).argmax(-1).item() == label
+    meta = Bundle(dst).version().manifest["rectification"]
+    assert meta["stress"] == STRESS and meta["before"]["stress_gap"] > 0.5
+    kept = [(meta["before"]["gap"], meta["before"]["stress_gap"])] + [
+        (r["gap"], r["stress_gap"]) for r in meta["rounds"] if r["kept"]]
+    assert len(kept) >= 2 and meta["after"]["stress_gap"] == kept[-1][1]
+    assert all(s <= 0.001 or s < 0.9 * prev_s
+               for (_, prev_s), (g, s) in zip(kept, kept[1:]) if g <= 0.001)
+    assert meta["after"]["stress_gap"] <= 0.001 or meta["after"]["stress_gap"] < 0.9 * kept[0][1]
 
 
 def test_new_version_records_deltas_and_leaves_parent_untouched(rectified):
@@ -100,6 +120,8 @@ def test_bad_input_is_refused_before_writing(digits_vit_blend, copy_bundle):
     # the budget's validation split must leave the anchor images out (digits: 1437 training images)
     assert "validation must be" in _bad(dst, clean=clean, corrupt=corrupt, validation=0)
     assert "from 1 to 1373" in _bad(dst, clean=clean, corrupt=corrupt, validation=1400)
+    assert "stress must be" in _bad(dst, clean=clean, corrupt=corrupt, stress=1.0)
+    assert "stress must be" in _bad(dst, clean=clean, corrupt=corrupt, stress=float("nan"))
 
 
 def test_from_files_static_mode_edits_the_last_layer(digits_vit_blend, copy_bundle, tmp_path):

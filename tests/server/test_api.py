@@ -238,10 +238,12 @@ def test_rectify_submission_is_queued_not_run(server, reference):
     assert r.status_code == 202, r.text
     job = httpx.get(server.url + r.json()["status_url"], headers=auth).json()
     assert job["status"] == "queued" and job["params"]["label"] == 3  # no worker in this server
+    assert job["params"]["stress"] == 2.0   # the default reaches the worker
     bad = [({"clean": b64png(x[0]), "corrupt": b64png(x[0])}, "identical"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "label": 10}, "out of range"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "budget": 2}, "budget"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "validation": 0}, "validation"),
+           ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "stress": 0.5}, "stress"),
            ({"clean": b64png(x[0])}, "corrupt")]
     for body, needle in bad:
         r = httpx.post(server.url + "/rectify", headers=auth, json=body)
