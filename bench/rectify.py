@@ -23,12 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline.finetune_baseline import finetune_last_layer  # noqa: E402
 from offline.rectify import VALIDATION_SAMPLES  # noqa: E402
-from rectify_common import Setup, ensure_bundle, write_results  # noqa: E402
+from rectify_common import METHODS, PAPER_LOOP, Setup, ensure_bundle, write_results  # noqa: E402
 from repair.editing.dynamic import STRESS, rectify  # noqa: E402
 
 VISIBILITIES = (0.3, 0.7, 1.0)
-# dynamic: Algorithm 1 with the stressed pairs (the default); dynamic-paper: without them
-METHODS = ("dynamic", "dynamic-paper", "static", "finetune")
 
 
 def run(setup: Setup, method: str, n: int, trial: int, budget: float) -> dict:
@@ -42,7 +40,7 @@ def run(setup: Setup, method: str, n: int, trial: int, budget: float) -> dict:
     else:
         out = rectify(setup.model, setup.layers, setup.stats, clean, corrupt, labels, setup.val_x,
                       setup.val_y, budget=budget, static=(method == "static"), progress=False,
-                      anchors=setup.anchors, stress=None if method == "dynamic-paper" else STRESS)
+                      anchors=setup.anchors, stress=None if method in PAPER_LOOP else STRESS)
         info = {"layers": [e.layer for e in out.edits], "rounds": len(out.rounds),
                 "anchored_rounds": [r.anchored for r in out.rounds],
                 "completeness_error": [r.completeness_error for r in out.rounds],

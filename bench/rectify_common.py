@@ -15,6 +15,11 @@ from repair.editing.layers import editable_layers
 from repair.metrics import accuracy, attack_success_rate
 
 
+# dynamic: Algorithm 1 with the stressed pairs (the default); dynamic-paper: without them
+PAPER_LOOP = ("dynamic-paper", "static")  # as the paper runs them: no stressed pairs
+METHODS = ("dynamic", "dynamic-paper", "static", "finetune")
+
+
 def ensure_bundle(path: Path, arch: str, dataset: str = "digits", visibility: float = 0.5,
                   **zoo) -> Path:
     """The cached zoo bundle at ``path`` (trained on first use; ``zoo``: e.g. ``max_train``)."""

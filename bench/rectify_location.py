@@ -25,13 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offline.defects import relocate  # noqa: E402
 from offline.finetune_baseline import finetune_last_layer  # noqa: E402
 from offline.zoo import train_bundle  # noqa: E402
-from rectify_common import Setup, write_results  # noqa: E402
+from rectify_common import METHODS, PAPER_LOOP, Setup, write_results  # noqa: E402
 from repair.editing.dynamic import STRESS, prediction_gap, rectify  # noqa: E402
 from repair.metrics import accuracy, attack_success_rate  # noqa: E402
 
 LOCATIONS = ("br", "tl", "tr", "center", "bl")  # br first: the bundle's trigger, the pairs' one
-# dynamic: Algorithm 1 with the stressed pairs (the default); dynamic-paper: without them
-METHODS = ("dynamic", "dynamic-paper", "static", "finetune")
 SHORT = {"br": "BR", "tl": "TL", "tr": "TR", "center": "C", "bl": "BL"}
 
 
@@ -54,7 +52,7 @@ def run(setup: Setup, triggers: dict, method: str, trial: int, budget: float, ba
     else:
         out = rectify(setup.model, setup.layers, setup.stats, clean, corrupt, labels, setup.val_x,
                       setup.val_y, budget=budget, static=method == "static", progress=False,
-                      stress=None if method == "dynamic-paper" else STRESS)
+                      stress=None if method in PAPER_LOOP else STRESS)
         info = {"layers": [e.layer for e in out.edits],
                 "rounds": [{"layer": r.layer, "kept": r.kept, "gap": r.gap,
                             "accuracy_drop": r.accuracy_drop} for r in out.rounds]}

@@ -29,7 +29,7 @@ KEYSTATS_SAMPLES = 1024   # clean training images for C = K Kᵀ
 # estimate a 1 pt drop only to about ± 1 pt (Fashion-MNIST ViT: `bench/results/rectify.md`).
 VALIDATION_SAMPLES = 500
 ANCHOR_SAMPLES = 64      # clean inputs held in place when a round that broke the budget is retried
-MAX_STRESS = 10.0        # past this the stressed pairs are the trigger alone, clipped
+MAX_STRESS = 10.0        # beyond, clipping leaves little but the corruption's sign
 
 
 class RectifyError(ValueError):
@@ -86,8 +86,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
 
     ``clean``/``corrupt``: ``(C, H, W)`` in [0, 1] at the model's input size (or ``(n, C, H, W)``
     for n pairs). ``validation``: how many of the last training images the budget is checked on.
-    ``stress``: the amplification of the stressed pairs a round closing the gap must also help (0: off,
-    the paper's loop; :mod:`repair.editing.dynamic`).
+    ``stress``: the amplification of the stressed pairs that a round closing the gap must also
+    help (0: off, the paper's loop; :mod:`repair.editing.dynamic`).
     Raises :class:`RectifyError` before anything is written on bad input.
     """
     started = time.perf_counter()
