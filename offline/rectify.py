@@ -18,7 +18,7 @@ import torch
 
 from offline.datasets import load_dataset
 from repair.bundle import Bundle, BundleError, state_dict_for_saving
-from repair.editing.dynamic import STRESS, prediction_gap, rectify
+from repair.editing.dynamic import MAX_ROUNDS, STRESS, prediction_gap, rectify
 from repair.editing.keystats import compute_keystats, stats_from_tensors, stats_to_tensors
 from repair.editing.layers import editable_layers
 
@@ -79,7 +79,7 @@ def training_images(version) -> tuple[torch.Tensor, torch.Tensor]:
 def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tensor,
                    label: int | None = None, budget: float = 0.01, gap: float = 0.001,
                    static: bool = False, layer: str | None = None, progress: bool = True,
-                   activate: bool = True, epochs: int = 1000, max_rounds: int = 10,
+                   activate: bool = True, epochs: int = 1000, max_rounds: int = MAX_ROUNDS,
                    device: str = "cpu", validation: int = VALIDATION_SAMPLES,
                    stress: float = STRESS) -> dict:
     """Rectify the current version with the pair(s) ``(clean, corrupt)``; see module docstring.

@@ -138,6 +138,9 @@ def rank_one_edit(model: nn.Module, layer: EditableLayer, stats: LayerStats, cle
                         best = now
             with torch.no_grad():
                 loss_after = objective()
+                if loss_after > loss_before:  # overshot from a good start: no edit beats this one
+                    lam.zero_()
+                    loss_after = loss_before
     finally:
         for p in params:
             p.requires_grad_(True)

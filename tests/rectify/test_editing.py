@@ -187,3 +187,21 @@ def test_stressed_pair_of_a_blend_is_the_blend_at_twice_the_visibility():
     far = stressed_pairs(x, low.apply(x), 10.0)
     lo, hi = min(x.min(), low.apply(x).min()), max(x.max(), low.apply(x).max())
     assert far.min() >= lo and far.max() <= hi and far.min() == lo  # 10x overshoots, then clipped
+
+
+def test_an_edit_that_cannot_beat_no_edit_leaves_the_layer_as_it_was():
+    """Adam at lr 0.1 moves every entry of Λ by about 0.1 in its first steps: where the pair's
+    loss is already small, a few steps only overshoot. The edit then stays at Λ = 0 instead of
+    keeping the worse Λ (such an edit raised a late round's gap on the digits ViT from 0.015 to
+    0.46); given the steps, it fits."""
+    from repair.editing.rank_one import rank_one_edit
+
+    model = _vit()
+    layer = editable_layers(model)["blocks.0.mlp.fc1"]
+    before = layer.module.weight.detach().clone()
+    x = torch.rand(2, 1, 16, 16)
+    fitted = rank_one_edit(model, layer, _fc1_stats(), x, x.flip(-1), steps=300, apply=False)
+    assert fitted.lam.abs().max() > 0 and fitted.loss_after < 0.5 * fitted.loss_before
+    overshot = rank_one_edit(model, layer, _fc1_stats(), x, x.flip(-1), steps=5)
+    assert overshot.loss_after == overshot.loss_before > 0
+    assert torch.count_nonzero(overshot.lam) == 0 and torch.equal(layer.module.weight, before)
