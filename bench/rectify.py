@@ -94,14 +94,19 @@ def main():
           f"for {setup.version.manifest['provenance'].get('epochs')} epochs"
           f"{f', evaluated on the first {a.max_test} test images' if a.max_test else ''}. "
           f"Base model: OA {setup.base['oa']:.4f}, "
-          f"ASR {setup.base['asr']:.4f}. Budget ε = {a.budget} on the last {a.validation} training images; "
+          f"ASR {setup.base['asr']:.4f}; it answers "
+          f"{setup.base['clean_to_target']:.4f} "
+          "of the other classes' *clean* test images with the target, which plain ASR counts too "
+          "(\"ASR, clean ≠ target\": only images whose clean answer is not the target). "
+          f"Budget ε = {a.budget} on the last {a.validation} training images; "
           f"n=1 averaged over {a.trials} "
           "pairs (one per trial), each larger n one run. OA drop in points of accuracy × 100.", "",
-          "| method | OA | OA drop (pt) | ASR | ASR φ=0.3 | ASR φ=0.7 | ASR φ=1.0 |",
-          "| --- | --- | --- | --- | --- | --- | --- |"]
+          "| method | OA | OA drop (pt) | ASR | ASR, clean ≠ target | ASR φ=0.3 | ASR φ=0.7 | ASR φ=1.0 |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, s in summary.items():
         vis = [f"{s[f'asr@{p}']:.4f}" if f"asr@{p}" in s else "" for p in VISIBILITIES]
         md.append(f"| {key} | {s['oa']:.4f} | {100 * s['oa_drop']:.2f} | {s['asr']:.4f} | "
+                  f"{s['asr_flip']:.4f} | "
                   + " | ".join(vis) + " |")
     md += ["", "Per run (layers edited by the dynamic loop, seconds):", ""]
     md += [f"- {r['method']} n={r['n']} trial {r['trial']}: OA {r['oa']:.4f}, ASR {r['asr']:.4f}, "

@@ -12,7 +12,7 @@ from offline.rectify import ANCHOR_SAMPLES, VALIDATION_SAMPLES
 from repair.bundle import Bundle
 from repair.editing.keystats import compute_keystats, stats_from_tensors
 from repair.editing.layers import editable_layers
-from repair.metrics import accuracy, attack_success_rate
+from repair.metrics import accuracy, attack_success_rate, predict
 
 
 # dynamic: Algorithm 1 with the stressed pairs (the default); dynamic-paper: without them
@@ -55,6 +55,9 @@ class Setup:
         self.val_x, self.val_y = self.data.x_train[-validation:], self.data.y_train[-validation:]
         self.anchors = self.data.x_train[:ANCHOR_SAMPLES]  # as `repair-proxy rectify` holds them
         self.base = self.evaluate()
+        # the non-target clean test images the model answers with the target (no trigger)
+        self.base["clean_to_target"] = attack_success_rate(self.model, self.data.x_test,
+                                                           self.data.y_test, self.target)
 
     def reset(self):
         self.model.load_state_dict(self.weights)
@@ -69,12 +72,24 @@ class Setup:
 
     def evaluate(self, visibilities=()) -> dict:
         x, y = self.data.x_test, self.data.y_test
+        triggered = self.trigger.apply(x)
         out = {"oa": accuracy(self.model, x, y),
-               "asr": attack_success_rate(self.model, self.trigger.apply(x), y, self.target)}
+               "asr": attack_success_rate(self.model, triggered, y, self.target),
+               "asr_flip": trigger_flip_rate(self.model, x, triggered, y, self.target)}
         for phi in visibilities:
             t = blend_trigger(self.trigger.pattern.shape, visibility=phi, pattern=self.trigger.pattern)
             out[f"asr@{phi}"] = attack_success_rate(self.model, t.apply(x), y, self.target)
         return out
+
+
+def trigger_flip_rate(model, clean: torch.Tensor, triggered: torch.Tensor, y: torch.Tensor,
+                      target: int) -> float:
+    """ASR counting only inputs whose *clean* answer is not the target. Plain ASR also counts
+    the non-target images a model answers with the target without any trigger (the Fashion-MNIST
+    ResNet-18 answers 2.2 % of the other classes' clean test images "T-shirt", the target), so
+    it cannot go below that floor without the edit changing clean answers."""
+    keep = (y != target) & (predict(model, clean) != target)
+    return (predict(model, triggered[keep]) == target).float().mean().item()
 
 
 def write_results(name: str, payload: dict, markdown: str) -> None:
