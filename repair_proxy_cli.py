@@ -59,13 +59,14 @@ def _atpatch_build(a):
 
 
 def _rectify(a):
-    from offline.rectify import STRESS, VALIDATION_SAMPLES, rectify_from_files
+    from offline.rectify import MIN_GAIN, STRESS, VALIDATION_SAMPLES, rectify_from_files
 
     validation = VALIDATION_SAMPLES if a.validation is None else a.validation
     stress = STRESS if a.stress is None else a.stress
     result = rectify_from_files(a.bundle, clean=a.clean, corrupt=a.corrupt, label=a.label,
                                 budget=a.budget, gap=a.gap, static=a.static, layer=a.layer,
-                                validation=validation, stress=stress)
+                                validation=validation, stress=stress, candidates=a.candidates,
+                                min_gain=MIN_GAIN if a.min_gain is None else a.min_gain)
     print(json.dumps(result))
 
 
@@ -153,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a round that closes the pair's gap must also help the pair with its "
                         "corruption amplified this many times; 0: off, the paper's Algorithm 1 "
                         "(default 2)")
+    p.add_argument("--candidates", type=int, default=1,
+                   help="edit this many of the localisation's top layers in each round and keep "
+                        "the one that leaves the stressed pair's gap lowest (1: the paper's argmax)")
+    # default: repair.editing.dynamic.MIN_GAIN, read when the command runs
+    p.add_argument("--min-gain", type=float,
+                   help="relative lowering of the gap a round must bring to be kept (default 0.03)")
     p.add_argument("--static", action="store_true", help="edit one fixed layer (the last)")
     p.add_argument("--layer", help="edit this layer instead of localising one")
     p.set_defaults(func=_rectify)

@@ -18,7 +18,7 @@ import torch
 
 from offline.datasets import load_dataset
 from repair.bundle import Bundle, BundleError, state_dict_for_saving
-from repair.editing.dynamic import MAX_ROUNDS, STRESS, prediction_gap, rectify
+from repair.editing.dynamic import MAX_ROUNDS, MIN_GAIN, STRESS, prediction_gap, rectify
 from repair.editing.keystats import compute_keystats, stats_from_tensors, stats_to_tensors
 from repair.editing.layers import editable_layers
 
@@ -81,13 +81,15 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
                    static: bool = False, layer: str | None = None, progress: bool = True,
                    activate: bool = True, epochs: int = 1000, max_rounds: int = MAX_ROUNDS,
                    device: str = "cpu", validation: int = VALIDATION_SAMPLES,
-                   stress: float = STRESS) -> dict:
+                   stress: float = STRESS, candidates: int = 1, min_gain: float = MIN_GAIN) -> dict:
     """Rectify the current version with the pair(s) ``(clean, corrupt)``; see module docstring.
 
     ``clean``/``corrupt``: ``(C, H, W)`` in [0, 1] at the model's input size (or ``(n, C, H, W)``
     for n pairs). ``validation``: how many of the last training images the budget is checked on.
     ``stress``: the amplification of the stressed pairs that a round closing the gap must also
-    help (0: off, the paper's loop; :mod:`repair.editing.dynamic`).
+    help (0: off, the paper's loop; :mod:`repair.editing.dynamic`). ``candidates``: how many of
+    ``Ĝ``'s top layers a round tries (1: Algorithm 1's argmax); ``min_gain``: the relative
+    lowering of the gap a round must bring.
     Raises :class:`RectifyError` before anything is written on bad input.
     """
     started = time.perf_counter()
@@ -106,6 +108,10 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     if isinstance(stress, bool) or not isinstance(stress, (int, float)) or not (
             stress == 0 or 1 < stress <= MAX_STRESS):
         raise RectifyError(f"stress must be 0 (off) or lie in (1, {MAX_STRESS}], got {stress!r}")
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
+        raise RectifyError(f"candidates must be a whole number of layers ≥ 1, got {candidates!r}")
+    if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not 0 <= min_gain < 1:
+        raise RectifyError(f"min_gain must lie in [0, 1), got {min_gain!r}")
     model = parent.build_model(device)
     layers = editable_layers(model)
     if layer is not None and layer not in layers:
@@ -145,7 +151,7 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     outcome = rectify(model, layers, stats, clean_b, corrupt_b, labels, val_x, val_y,
                       budget=budget, gap=gap, epochs=epochs, max_rounds=max_rounds, static=static,
                       layer=layer, progress=progress, anchors=x_train[:ANCHOR_SAMPLES].to(device),
-                      stress=stress or None)
+                      stress=stress or None, candidates=int(candidates), min_gain=min_gain)
 
     pairs = [{"clean": _pair_hash(c), "corrupt": _pair_hash(k)} for c, k in zip(clean_b, corrupt_b)]
     edits = [{"method": "rank-one", "layer": e.layer, "round": i + 1,
@@ -164,14 +170,15 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
              "stress_gap": outcome.stress_gap_after,
              "clean_pred": after_clean.tolist(), "corrupt_pred": after_corrupt.tolist()}
     rounds = [{"layer": r.layer, "accuracy_drop": r.accuracy_drop, "gap": r.gap, "kept": r.kept,
-               "anchored": r.anchored, "stress_gap": r.stress_gap,
+               "anchored": r.anchored, "stress_gap": r.stress_gap, "round": r.round + 1,
                "completeness_error": r.completeness_error}
               for r in outcome.rounds]
     manifest = {k: v for k, v in parent.manifest.items()
                 if k not in ("id", "parent", "created", "files")}
     manifest["rectification"] = {"mode": "layer" if layer else "static" if static else "dynamic",
                                  "budget": budget, "gap": gap, "validation": int(validation),
-                                 "stress": stress,
+                                 "stress": stress, "candidates": int(candidates),
+                                 "min_gain": min_gain,
                                  "labels": labels.tolist(),
                                  "pairs": pairs, "rounds": rounds, "before": before, "after": after}
     manifest["provenance"] = dict(parent.manifest.get("provenance", {}), created_by="rectify")

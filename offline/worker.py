@@ -143,7 +143,7 @@ def _lock(store: JobStore, stop) -> int | None:
 
 def run_job(store: JobStore, job: dict) -> dict:
     """Run one rectification job (CONTRACTS §2) and record its outcome in the job file."""
-    from offline.rectify import STRESS, VALIDATION_SAMPLES, rectify_images
+    from offline.rectify import MIN_GAIN, STRESS, VALIDATION_SAMPLES, rectify_images
     from repair.bundle import Bundle
     from repair.images import decode_image
 
@@ -161,6 +161,8 @@ def run_job(store: JobStore, job: dict) -> dict:
                                 static=params.get("static", False), layer=params.get("layer"),
                                 validation=params.get("validation", VALIDATION_SAMPLES),
                                 stress=params.get("stress", STRESS),
+                                candidates=params.get("candidates", 1),
+                                min_gain=params.get("min_gain", MIN_GAIN),
                                 progress=False, activate=True)
     except WorkerStopped:
         store.update(job, status="queued", note="requeued: the worker was stopped mid-job")

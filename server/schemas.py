@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from offline.rectify import MAX_STRESS, STRESS, VALIDATION_SAMPLES
+from offline.rectify import MAX_STRESS, MIN_GAIN, STRESS, VALIDATION_SAMPLES
 
 PatchMode = Literal["on", "off", "shadow"]
 
@@ -63,6 +63,11 @@ class RectifyRequest(BaseModel):
     stress: float = Field(default=STRESS, ge=0, le=MAX_STRESS,
                           description="amplification of the stressed pair that a round closing "
                                       "the gap must also help; 0: off (the paper's Algorithm 1)")
+    candidates: int = Field(default=1, ge=1, le=16,
+                            description="the localisation's top layers each round edits, keeping "
+                                        "the one that leaves the stressed gap lowest; 1: the argmax")
+    min_gain: float = Field(default=MIN_GAIN, ge=0, lt=1,
+                            description="relative lowering of the gap a round must bring")
     static: bool = False
     layer: str | None = Field(default=None, max_length=200)
 

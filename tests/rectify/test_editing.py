@@ -177,6 +177,54 @@ def test_a_round_that_breaks_the_budget_is_retried_with_clean_inputs_held(digits
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
+def test_each_round_keeps_the_candidate_that_leaves_the_stressed_gap_lowest(digits_vit_blend):
+    """``candidates`` = 3: every round edits Ĝ's three top fresh layers in turn from the same
+    model; the one kept is, among those within the budget that lowered the gap by ``min_gain``,
+    the one with the lowest stressed gap, and the model ends as the parent plus exactly the kept
+    rank-one deltas (the other candidates rolled back)."""
+    from offline.datasets import load_dataset
+    from offline.defects import Trigger
+    from repair.bundle import Bundle
+    from repair.editing.dynamic import rectify
+
+    version = Bundle(digits_vit_blend).version()
+    model = version.build_model()
+    data = load_dataset("digits")
+    trig = Trigger.from_tensors(version.tensors("defect"))
+    layers = editable_layers(model)
+    stats = compute_keystats(model, list(layers.values()), data.x_train[:256], progress=False)
+    other = data.y_train != version.manifest["defect"]["target_class"]
+    clean, labels = data.x_train[other][:4], data.y_train[other][:4]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    out = rectify(model, layers, stats, clean, trig.apply(clean), labels, data.x_train[-200:],
+                  data.y_train[-200:], epochs=100, max_rounds=4, min_gain=0.1, candidates=3,
+                  anchors=data.x_train[:64], progress=False)
+    kept = [r for r in out.rounds if r.kept]
+    assert kept and len(kept) == len(out.edits)
+    def lowered(old, new):
+        return new <= 1e-3 or new < (1 - 0.1) * old
+
+    gap, stress_gap = out.gap_before, out.stress_gap_before
+    steps = sorted({r.round for r in out.rounds})
+    for step in steps:
+        tried = [r for r in out.rounds if r.round == step]
+        assert 1 <= len(tried) <= 3 and len({r.layer for r in tried}) == len(tried)
+        eligible = [r for r in tried if r.accuracy_drop <= 0.01 and lowered(gap, r.gap)
+                    and (r.gap > 1e-3 or lowered(stress_gap, r.stress_gap))]
+        chosen = [r for r in tried if r.kept]
+        assert len(chosen) == (1 if eligible else 0)
+        if chosen:
+            assert chosen[0].stress_gap == min(r.stress_gap for r in eligible)
+            gap, stress_gap = chosen[0].gap, chosen[0].stress_gap
+    assert max(len([r for r in out.rounds if r.round == s]) for s in steps) == 3
+    delta = {name: torch.zeros_like(layer.module.weight) for name, layer in layers.items()}
+    for edit in out.edits:
+        delta[edit.layer] += edit.delta().reshape(delta[edit.layer].shape)
+    for name, layer in layers.items():
+        expected = weights[f"{name}.weight"] + delta[name]
+        assert torch.allclose(layer.module.weight, expected, atol=1e-5), name
+
+
 def test_stressed_pair_of_a_blend_is_the_blend_at_twice_the_visibility():
     """``x + 2(x̃ − x)`` for a Blend at φ = 0.3 is the Blend at 0.6; clipped to the pairs' range."""
     torch.manual_seed(0)

@@ -123,6 +123,8 @@ def test_bad_input_is_refused_before_writing(digits_vit_blend, copy_bundle):
     assert "from 1 to 1373" in _bad(dst, clean=clean, corrupt=corrupt, validation=1400)
     assert "stress must be" in _bad(dst, clean=clean, corrupt=corrupt, stress=1.0)
     assert "stress must be" in _bad(dst, clean=clean, corrupt=corrupt, stress=float("nan"))
+    assert "candidates must be" in _bad(dst, clean=clean, corrupt=corrupt, candidates=0)
+    assert "min_gain must" in _bad(dst, clean=clean, corrupt=corrupt, min_gain=float("nan"))
 
 
 def test_from_files_static_mode_edits_the_last_layer(digits_vit_blend, copy_bundle, tmp_path):
@@ -166,4 +168,8 @@ def test_cli_rectify_reports_bad_input_without_writing(digits_vit_blend, copy_bu
         main(["rectify", "--bundle", str(dst), "--clean", str(png), "--corrupt", str(png)])
     assert info.value.code != 0
     assert "treats the clean and corrupt inputs the same" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["rectify", "--bundle", str(dst), "--clean", str(png), "--corrupt", str(png),
+              "--candidates", "0"])
+    assert info.value.code != 0 and "candidates must be" in capsys.readouterr().err
     assert Bundle(dst).version_ids() == before

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from repair.bundle import Bundle
+from repair.editing.dynamic import MIN_GAIN
 from server_live import b64png, live_server
 
 TOKEN = "s3cret-token"
@@ -238,12 +239,15 @@ def test_rectify_submission_is_queued_not_run(server, reference):
     assert r.status_code == 202, r.text
     job = httpx.get(server.url + r.json()["status_url"], headers=auth).json()
     assert job["status"] == "queued" and job["params"]["label"] == 3  # no worker in this server
-    assert job["params"]["stress"] == 2.0   # the default reaches the worker
+    assert job["params"]["stress"] == 2.0   # the defaults reach the worker
+    assert job["params"]["candidates"] == 1 and job["params"]["min_gain"] == MIN_GAIN
     bad = [({"clean": b64png(x[0]), "corrupt": b64png(x[0])}, "identical"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "label": 10}, "out of range"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "budget": 2}, "budget"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "validation": 0}, "validation"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "stress": 0.5}, "stress"),
+           ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "candidates": 0}, "candidates"),
+           ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "min_gain": 1}, "min_gain"),
            ({"clean": b64png(x[0])}, "corrupt")]
     for body, needle in bad:
         r = httpx.post(server.url + "/rectify", headers=auth, json=body)
