@@ -138,23 +138,30 @@ def test_localization_ranks_every_layer_and_reports_completeness(digits_vit_blen
     assert joint.scores["blocks.0.attn.qkv"] == 0.0 and joint.scores["blocks.0.attn.proj"] > 0
 
 
+def _blend_model(bundle):
+    """The Blend bundle's model, digits data, trigger, editable layers, key statistics (256 training
+    images) and the mask of training images outside the target class."""
+    from offline.datasets import load_dataset
+    from offline.defects import Trigger
+    from repair.bundle import Bundle
+
+    version = Bundle(bundle).version()
+    model = version.build_model()
+    data = load_dataset("digits")
+    layers = editable_layers(model)
+    stats = compute_keystats(model, list(layers.values()), data.x_train[:256], progress=False)
+    other = data.y_train != version.manifest["defect"]["target_class"]
+    return model, data, Trigger.from_tensors(version.tensors("defect")), layers, stats, other
+
+
 def test_a_round_that_breaks_the_budget_is_retried_with_clean_inputs_held(digits_vit_blend):
     """The retry adds the anchors' change to Eq. 1: the edit still maps the pair, and moves the
     anchors' logits less than the plain edit does; a retry that breaks the budget too is rolled
     back and ends the loop."""
-    from offline.datasets import load_dataset
-    from offline.defects import Trigger
-    from repair.bundle import Bundle
     from repair.editing.dynamic import rectify
     from repair.editing.rank_one import rank_one_edit
 
-    version = Bundle(digits_vit_blend).version()
-    model = version.build_model()
-    data = load_dataset("digits")
-    trig = Trigger.from_tensors(version.tensors("defect"))
-    layers = editable_layers(model)
-    stats = compute_keystats(model, list(layers.values()), data.x_train[:256], progress=False)
-    other = data.y_train != version.manifest["defect"]["target_class"]
+    model, data, trig, layers, stats, other = _blend_model(digits_vit_blend)
     clean, label = data.x_train[other][:1], data.y_train[other][:1]
     corrupt, anchors = trig.apply(clean), data.x_train[:64]
     layer = layers["blocks.0.attn.proj"]
@@ -182,18 +189,9 @@ def test_each_round_keeps_the_candidate_that_leaves_the_stressed_gap_lowest(digi
     model; the one kept is, among those within the budget that lowered the gap by ``min_gain``,
     the one with the lowest stressed gap, and the model ends as the parent plus exactly the kept
     rank-one deltas (the other candidates rolled back)."""
-    from offline.datasets import load_dataset
-    from offline.defects import Trigger
-    from repair.bundle import Bundle
     from repair.editing.dynamic import rectify
 
-    version = Bundle(digits_vit_blend).version()
-    model = version.build_model()
-    data = load_dataset("digits")
-    trig = Trigger.from_tensors(version.tensors("defect"))
-    layers = editable_layers(model)
-    stats = compute_keystats(model, list(layers.values()), data.x_train[:256], progress=False)
-    other = data.y_train != version.manifest["defect"]["target_class"]
+    model, data, trig, layers, stats, other = _blend_model(digits_vit_blend)
     clean, labels = data.x_train[other][:4], data.y_train[other][:4]
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     out = rectify(model, layers, stats, clean, trig.apply(clean), labels, data.x_train[-200:],
