@@ -85,9 +85,9 @@ def _methods(model, layers, stats, clean, corrupt, labels, val_x, val_y, weights
         elif method != "base":
             out = rectify(model, layers, stats, clean, corrupt, labels, val_x, val_y,
                           budget=0.005, static=method == "static", progress=False, anchors=anchors)
-            info["seconds"] = round(time.perf_counter() - started, 1)
             info = {"rounds": [{"layer": r.layer, "kept": r.kept, "gap": r.gap, "anchored": r.anchored,
-                                "accuracy_drop": r.accuracy_drop} for r in out.rounds]}
+                                "accuracy_drop": r.accuracy_drop} for r in out.rounds],
+                    "seconds": round(time.perf_counter() - started, 1)}
         yield method, info
 
 
