@@ -191,7 +191,7 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
             tried = [name for name in found.ranking if name not in spent][:candidates]
             if not tried:
                 break
-        best, broke = None, 0  # best: (stressed gap, gap, layer, edit, weight, accuracy, log index)
+        best, broke = None, 0  # best: (its RoundLog, edit, edited weight, accuracy)
         for where in tried:
             target = layers[where]
             saved = target.module.weight.detach().clone()
@@ -217,14 +217,14 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
                                        found.completeness_error if found else None,
                                        found.scores if found else None, anchored, new_stress_gap,
                                        step))
-            if within and gained and (best is None or (new_stress_gap, new_gap) < best[:2]):
-                best = (new_stress_gap, new_gap, where, edit, target.module.weight.detach().clone(),
-                        new_acc, len(out.rounds) - 1)
+            if within and gained and (best is None or (new_stress_gap, new_gap) <
+                                      (best[0].stress_gap, best[0].gap)):
+                best = (out.rounds[-1], edit, target.module.weight.detach().clone(), new_acc)
             with torch.no_grad():                          # every candidate starts from f
                 target.module.weight.copy_(saved)
         bar.update(1)
-        bar.set_postfix(layer=tried[0] if best is None else best[2],
-                        gap=f"{current_gap if best is None else best[1]:.4f}", refresh=False)
+        bar.set_postfix(layer=tried[0] if best is None else best[0].layer,
+                        gap=f"{current_gap if best is None else best[0].gap:.4f}", refresh=False)
         if best is None:                                                 # roll the round back
             if broke == len(tried) or fixed is not None:
                 break                                                    # line 9: return f
@@ -232,13 +232,13 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
             if len(spent) >= patience:
                 break
             continue
-        new_stress_gap, new_gap, where, edit, weight, new_acc, index = best
+        chosen, edit, weight, acc = best
         with torch.no_grad():
-            layers[where].module.weight.copy_(weight)
-        out.rounds[index].kept = True
+            layers[chosen.layer].module.weight.copy_(weight)
+        chosen.kept = True
         out.edits.append(edit)                                           # line 8: f ← f*
         spent.clear()                                                    # the model moved on
-        acc, current_gap, stress_gap = new_acc, new_gap, new_stress_gap
+        current_gap, stress_gap = chosen.gap, chosen.stress_gap
     bar.close()
     out.accuracy_after, out.gap_after, out.stress_gap_after = acc, current_gap, stress_gap
     return out
