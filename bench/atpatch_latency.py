@@ -11,6 +11,9 @@ and the same with the ``TargetClassGate`` of ``atpatch build --target-gate``:
   gated-flagged  clean inputs the Detector flags but the bare model does not answer with the
                  target (one pass, Γ skipped)
   gated-patch    triggered inputs (a detecting pass, then the patched pass)
+and on the CPU, AtPatch with the Detector as torch ops instead of the compiled kernel
+(``repair.atpatch.detector_kernel``; on a twin model sharing the weights):
+  ops-clean, ops-patch   as on-clean and on-patch
 
     .venv/bin/python bench/atpatch_latency.py --bundle BUNDLE_WITH_DETECTOR [--reps 200] [--device cpu|cuda]
 Writes bench/results/atpatch_latency.{json,md,png} (CPU) or atpatch_latency_cuda.* (``--device cuda``).
@@ -56,6 +59,8 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
     # each call would be timed with them, ~30 µs at batch 1) that share the hooked model's weight
     # tensors: separate copies would be timed with a colder cache (measured: +10 to +17 % at batch 1).
     fused_model, eager_model = (_sharing_weights(version, model) for _ in range(2))
+    atp_ops = (AtPatch.from_version(version, _sharing_weights(version, model), cpu_kernel=False)
+               if device.type == "cpu" else None)
     for attn in AttentionAccess.for_model(eager_model).modules:
         attn.fused_attn = False   # what AtPatch hooks: the eager attention
     data = load_dataset(version.manifest["dataset"]["name"])
@@ -89,6 +94,8 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
                 atp.gate = None
 
         runs = {"fused": fused, "eager": eager, "off": lambda: atp(xc, "off"),
+                **({"ops-clean": lambda: atp_ops(xc, "on"), "ops-patch": lambda: atp_ops(xb, "on")}
+                   if atp_ops is not None else {}),
                 "on-clean": lambda: atp(xc, "on"), "on-patch": lambda: atp(xb, "on"),
                 "gated-clean": lambda: gated(xc), "gated-flagged": lambda: gated(xf),
                 "gated-patch": lambda: gated(xb)}
@@ -105,6 +112,9 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
                                         for k in ("clean", "flagged", "patch")},
             "eager_vs_fused": round(med["eager"] / med["fused"] - 1, 4),
         }
+        if atp_ops is not None:
+            results[f"batch{bs}"]["torch_ops_overhead_vs_eager"] = {
+                k: round(med[f"ops-{k}"] / med["eager"] - 1, 4) for k in ("clean", "patch")}
         inputs[bs] = (xc, xb, fused, eager)
     if device.type == "cuda":
         graphed_runs(atp, inputs, results, reps, device)
@@ -192,7 +202,8 @@ def plot(run: dict, path: Path) -> None:
         for ax, (name, r) in zip(row, run["results"].items()):
             medians = r[key] if key == "median_ms" else r[key]["median_ms"]
             ax.bar(list(medians), list(medians.values()),
-                   color=["#888", "#48c", "#4a8", "#ca4", "#c44", "#ca4", "#a8c", "#c44"][:len(medians)])
+                   color=["#888", "#48c", "#4a8", "#ca4", "#c44", "#ca4", "#a8c", "#c44", "#ca4", "#c44"]
+                   [:len(medians)])
             ax.set_title(f"{run['device']} {name}, {label}median of {run['reps']}")
             ax.set_ylabel("ms / request")
             ax.tick_params(axis="x", rotation=30)
@@ -242,6 +253,19 @@ def main():
                          + " | ".join(" ".join(f"{v:+.1%}" for v in r[f"{kind}_overhead_by_block"])
                                       for kind in ("unpatched", "patched")) + " |")
     lines += gated
+    ops = [(run["device"], name[5:], r["torch_ops_overhead_vs_eager"]) for run in runs
+           for name, r in run["results"].items() if "torch_ops_overhead_vs_eager" in r]
+    if ops:
+        lines += ["", "The CPU Detector as torch ops (`AtPatch(cpu_kernel=False)`, before the compiled kernel) "
+                  "against the compiled kernel (the table above), over the same eager forward:", "",
+                  "| device | batch | unpatched, kernel | unpatched, torch ops | patched, kernel | patched, torch ops |",
+                  "|---|---|---|---|---|---|"]
+        for run in runs:
+            for name, r in run["results"].items():
+                o = r.get("torch_ops_overhead_vs_eager")
+                if o is not None:
+                    lines.append(f"| {run['device']} | {name[5:]} | {r['unpatched_overhead_vs_eager']:+.1%} | "
+                                 f"{o['clean']:+.1%} | {r['patched_overhead_vs_eager']:+.1%} | {o['patch']:+.1%} |")
     graphed = [(run["device"], name[5:], r["cuda_graphs"]) for run in runs
                for name, r in run["results"].items() if "cuda_graphs" in r]
     if graphed:

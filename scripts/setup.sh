@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dataset-fashion-mnist prometheus)
+# g++: builds the compiled CPU Detector on first use (repair/atpatch/detector_kernel.py)
+APT_PACKAGES=(dataset-fashion-mnist prometheus g++)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -7,7 +7,8 @@ on, so layer ``l + 1`` already sees the patched state. Decisions are tensor ops:
 is read back per layer (``torch.where`` keeps unflagged samples bit-for-bit); on the CPU, where
 reading a flag is not a device sync, layers with nothing flagged skip Γ altogether. So a GPU
 forward can be captured whole: the server replays it as a CUDA graph with the hook step compiled
-(``compile_hot_path``, ``repair.cuda_graphs``).
+(``compile_hot_path``, ``repair.cuda_graphs``). On the CPU the Detector is one compiled C++
+function (``repair.atpatch.detector_kernel``).
 
 A column the Detector flags at one layer stays flagged at every later layer it runs on (for that
 sample). Why: a token keeps its identity through the residual stream, and once layer ``l`` is
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 from repair.atpatch import benign as benign_io
+from repair.atpatch import detector_kernel
 from repair.atpatch.detector import Detector, DetectorError, layer_logit_thresholds
 from repair.atpatch.redistribution import VARIANTS, redistribute
 from repair.attention import AttentionAccess
@@ -158,7 +160,8 @@ def row_gate(meta: dict) -> RowGate | None:
 class AtPatch:
     def __init__(self, model: nn.Module, detector: Detector | None, benign: list[torch.Tensor],
                  threshold: float | list[float] = 0.1, variant: str = "replace", layers: list[int] | None = None,
-                 rescale: bool = True, selector: Selector | None = None, gate: RowGate | None = None):
+                 rescale: bool = True, selector: Selector | None = None, gate: RowGate | None = None,
+                 cpu_kernel: bool = True):
         if variant not in VARIANTS:
             raise DetectorError(f"unknown redistribution variant {variant!r}; known: {', '.join(VARIANTS)}")
         self.access = AttentionAccess.for_model(model)
@@ -178,6 +181,12 @@ class AtPatch:
         self.detector = detector.to(device).eval() if detector is not None else None
         if self.detector is not None:
             self.detector.prepare()
+        # the CPU path's Detector: the compiled kernel (``detector_kernel``) unless ``cpu_kernel``
+        # is False (benchmarks compare the two), else the torch ops
+        self._cpu_logits = None
+        if self.detector is not None and device.type == "cpu":
+            self._cpu_logits = detector_kernel.cpu_logits(self.detector) if cpu_kernel \
+                else self.detector.logits_from_heads
         # τ per layer: one value (the paper), or the per-layer τ of a calibrated build
         self._tau_logit = layer_logit_thresholds(threshold, n_layers)
         self.layers = sorted(set(range(n_layers) if layers is None else layers))
@@ -202,7 +211,8 @@ class AtPatch:
         return version.has("detector") and version.has("benign") and "atpatch" in version.manifest
 
     @classmethod
-    def from_version(cls, version, model: nn.Module, threshold: float | None = None) -> "AtPatch":
+    def from_version(cls, version, model: nn.Module, threshold: float | None = None,
+                     cpu_kernel: bool = True) -> "AtPatch":
         """The version's Detector at its own thresholds (the calibrated per-layer τ where the build
         chose them), or at one ``threshold`` τ for every layer when given."""
         if not cls.available(version):
@@ -214,7 +224,7 @@ class AtPatch:
         if threshold is None:
             threshold = meta.get("layer_thresholds") or meta["threshold"]
         return cls(model, detector, benign, threshold=threshold, variant=variant, layers=meta.get("layers"),
-                   gate=row_gate(meta))
+                   gate=row_gate(meta), cpu_kernel=cpu_kernel)
 
     # -- the hot path ------------------------------------------------------------------------
 
@@ -234,7 +244,7 @@ class AtPatch:
         if self.selector is not None:
             flags = self.selector(layer, attn)
         else:  # the CPU path
-            scores = self.detector.logits_from_heads(attn, layer)
+            scores = self._cpu_logits(attn, layer)
             # one max decides "nothing new flagged" for the whole batch (the common, clean case)
             tau = self._tau_logit[layer]
             flags = None if float(scores.max()) <= tau else scores > tau

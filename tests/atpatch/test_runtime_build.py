@@ -11,6 +11,7 @@ from offline.atpatch_build import (CLEAN_FLAG_RATES, GATED_THRESHOLDS, BuildErro
 from offline.datasets import load_dataset
 from offline.defects import Trigger
 from repair.atpatch import benign as benign_io
+from repair.atpatch import detector_kernel
 from repair.atpatch.detector import Detector, DetectorError, logit_threshold
 from repair.atpatch.runtime import AtPatch, CounterfactualGate, TargetClassGate, row_gate
 from repair.atpatch.trigger_inversion import RESTARTS
@@ -397,3 +398,21 @@ def test_protected_attributes_on_images_are_refused(digits_vit_badnets, copy_bun
     with pytest.raises(BuildError, match="inversion restarts must be at least 1, got 0"):
         build_detector(path, inversion_restarts=0, progress=False)
     assert Bundle(path).version_ids() == ["v0001"]
+
+
+def test_the_cpu_path_runs_the_compiled_detector_and_flags_as_the_torch_ops(patched):
+    """On the CPU the hook's Detector is the compiled kernel (``repair.atpatch.detector_kernel``);
+    the torch ops it replaces give the same flags and so the same answers."""
+    version, _, atp = patched
+    assert isinstance(atp._cpu_logits, detector_kernel.CompiledDetector)
+    data = load_dataset("digits")
+    x = torch.cat([data.x_test[:64], Trigger.from_tensors(version.tensors("defect")).apply(data.x_test[:64])])
+    compiled = atp(x, "on")
+    atp._cpu_logits = atp.detector.logits_from_heads
+    try:
+        ops = atp(x, "on")
+    finally:
+        atp._cpu_logits = detector_kernel.cpu_logits(atp.detector)
+    assert compiled.patched[64:].float().mean() > 0.9
+    assert torch.equal(compiled.flagged, ops.flagged)
+    assert torch.equal(compiled.logits, ops.logits)

@@ -1,0 +1,122 @@
+"""The Detector's CPU hot path as one compiled C++ function (``detector_kernel.cpp``).
+
+Why: at inference the Detector's 16 torch ops (``Detector.logits_from_heads``) run between the
+model's own ops, where each costs 2-3x what it costs back to back, and at batch 1 their dispatch
+is all there is. On an Intel Xeon with AVX-512 (digits ViT maps, 4 heads x 17 x 17, a tight
+loop) the torch ops take 46-49 µs at batch 1 and ~180 µs at batch 64, the kernel 6-8 µs and
+94-111 µs: it sums heads and rows in one pass and runs the per-column MLP 8 columns at a time in
+vector registers; only the log is an ATen call. Inside the forward, over the eager model, in one
+run (``bench/results/atpatch_latency_xeon.md``): unpatched +22.2 / +16.9 % with the torch ops,
++8.8 / +9.4 % with the kernel (batch 1 / 64; target ≤ 10 %), patched +37.9 / +25.8 % → +25.1 /
++19.5 %.
+
+How: torch's C++ extension builder (g++ and ninja, ``scripts/setup.sh`` installs both) compiles
+it on first use, ~30 s, into ``$REPAIR_PROXY_KERNEL_DIR`` (default
+``~/.cache/repair-proxy/kernels``) under a name that hashes the source, the flags and the torch
+and Python versions; later processes import that build directly, without a compiler (the Docker
+image compiles it in its build stage). Where it cannot be built, AtPatch warns once and uses
+the torch ops: the same numbers, slower. GPU paths never use it.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from repair.atpatch.detector import Detector
+
+SOURCE = Path(__file__).with_name("detector_kernel.cpp")
+CHANNELS, HIDDEN = 16, 32  # the widths the kernel is compiled for (``detector_kernel.cpp``)
+STALE_LOCK_S = 600
+
+
+def kernel_dir() -> Path:
+    return Path(os.environ.get("REPAIR_PROXY_KERNEL_DIR", Path.home() / ".cache" / "repair-proxy" / "kernels"))
+
+
+def _flags() -> list[str]:
+    # AVX2 + FMA where torch itself runs its AVX2 or AVX-512 kernels; the build is per machine.
+    simd = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return ["-O3", "-mavx2", "-mfma"] if simd else ["-O3"]
+
+
+def _name(flags: list[str]) -> str:
+    key = "\0".join([SOURCE.read_text(), *flags, torch.__version__, sys.version])
+    return "repair_detector_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The compiled kernel module, built on first use; None (with one warning) where it cannot be."""
+    flags = _flags()
+    name = _name(flags)
+    build = kernel_dir() / name
+    built = build / f"{name}.so"
+    try:
+        if not built.exists():
+            return _build(name, flags, build)
+        spec = importlib.util.spec_from_file_location(name, built)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: the torch ops
+        warnings.warn(f"AtPatch: the compiled CPU Detector is unavailable, using torch ops (slower): {err}")
+        return None
+
+
+def _build(name: str, flags: list[str], build: Path) -> ModuleType:
+    import ninja
+    from torch.utils.cpp_extension import load as build_extension
+
+    build.mkdir(parents=True, exist_ok=True)
+    # torch's builder waits for as long as a lock file exists; one left by a build that was killed
+    # (a build takes ~30 s) would block every later load for ever
+    lock = build / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+    # it runs `ninja` from PATH: the pip package's binary, which a venv's PATH may not hold
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+    try:
+        return build_extension(name, [str(SOURCE)], extra_cflags=flags, build_directory=str(build))
+    finally:
+        os.environ["PATH"] = path
+
+
+class CompiledDetector:
+    """``Detector.logits_from_heads`` through the kernel: CPU float32 maps, after ``prepare``."""
+
+    def __init__(self, detector: Detector, kernel: ModuleType):
+        self.detector, self.kernel = detector, kernel
+        self._weights: dict[tuple[int, int, int], tuple] = {}
+
+    def __call__(self, attn: torch.Tensor, layer: int) -> torch.Tensor:
+        key = (layer, attn.shape[1], attn.shape[2])
+        weights = self._weights.get(key)
+        if weights is None:
+            weights = self._weights[key] = self._kernel_weights(*key)
+        return self.kernel.detector_logits(attn, *weights)
+
+    def _kernel_weights(self, layer: int, heads: int, nq: int) -> tuple:
+        """The sum form's weights (``Detector._sum_form``) laid out as the kernel reads them."""
+        f, w = self.detector._fast, self.detector._sum_form(layer, heads, nq)
+        return (w["q_per_head"].contiguous(), w["eps_q"].contiguous(), w["conv_w"].t().contiguous(),
+                w["neg_median_w"].contiguous(), f["conv_b"].contiguous(), f["mix_w"].contiguous(),
+                f["mix_b"][layer].contiguous(), f["out_w"].contiguous(), float(f["out_b"]))
+
+
+def cpu_logits(detector: Detector):
+    """What the CPU hot path calls for a prepared Detector: the kernel, or the torch ops."""
+    if (detector.channels, detector.hidden) == (CHANNELS, HIDDEN):
+        kernel = load()
+        if kernel is not None:
+            return CompiledDetector(detector, kernel)
+    return detector.logits_from_heads
