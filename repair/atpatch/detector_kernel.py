@@ -6,9 +6,9 @@ is all there is. On an Intel Xeon with AVX-512 (digits ViT maps, 4 heads x 17 x 
 loop) the torch ops take 46-49 µs at batch 1 and ~180 µs at batch 64, the kernel 6-8 µs and
 94-111 µs: it sums heads and rows in one pass and runs the per-column MLP 8 columns at a time in
 vector registers; only the log is an ATen call. Inside the forward, over the eager model, in one
-run (``bench/results/atpatch_latency_xeon.md``): unpatched +22.2 / +16.9 % with the torch ops,
-+8.8 / +9.4 % with the kernel (batch 1 / 64; target ≤ 10 %), patched +37.9 / +25.8 % → +25.1 /
-+19.5 %.
+run (``bench/results/atpatch_latency_xeon.md``): unpatched +21.3 / +18.5 % with the torch ops,
++6.5 / +9.7 % with the kernel (batch 1 / 64; target ≤ 10 %), patched +34.2 / +27.9 % → +22.4 /
++21.6 %.
 
 How: torch's C++ extension builder (g++ and ninja, ``scripts/setup.sh`` installs both) compiles
 it on first use, ~30 s, into ``$REPAIR_PROXY_KERNEL_DIR`` (default

@@ -126,7 +126,8 @@ class TargetClassGate:
     flag sees the same map as in the patched pass, so a row is flagged here exactly when it would
     be there) and yields the bare logits; only if some flagged row is answered with the target
     does a second, patched forward run. A clean request costs what it costs without the gate (or
-    less: Γ never runs for it); an attacked one costs two forward passes. Measured (test sets,
+    less: Γ never runs for it; on the CPU a request with nothing flagged returns the detecting
+    pass as it is); an attacked one costs two forward passes. Measured (test sets,
     seed-0 builds): clean accuracy Fashion-MNIST Trojan −2.4 → −0.35 pt, BadNets −0.08 → −0.01
     pt, Hidden −0.07 → −0.04 pt, digits −0 → −0 pt, ASR unchanged (``bench/results/atpatch_target_gate.md``)."""
 
@@ -137,6 +138,8 @@ class TargetClassGate:
 
     def rows_to_patch(self, patch: "AtPatch", x: torch.Tensor) -> tuple[torch.Tensor, PatchResult]:
         first = patch._forward(x, detect_only=True)
+        if not patch.tensor_only and not bool(first.patched.any()):
+            return first.patched, first  # CPU, where reading is free: nothing flagged, nothing to gate
         rows = first.patched & (first.logits.argmax(-1) == self.target)
         return rows, PatchResult.unpatched(first.logits, patch.access.n_layers, patch.access.seq_len)
 
