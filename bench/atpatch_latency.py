@@ -11,8 +11,8 @@ and the same with the ``TargetClassGate`` of ``atpatch build --target-gate``:
   gated-flagged  clean inputs the Detector flags but the bare model does not answer with the
                  target (one pass, Γ skipped)
   gated-patch    triggered inputs (a detecting pass, then the patched pass)
-and on the CPU, AtPatch with the Detector as torch ops instead of the compiled kernel
-(``repair.atpatch.detector_kernel``; on a twin model sharing the weights):
+and on the CPU, AtPatch with the Detector and Γ as torch ops instead of the compiled kernels
+(``repair.atpatch.cpu_kernel``; on a twin model sharing the weights):
   ops-clean, ops-patch   as on-clean and on-patch
 
     .venv/bin/python bench/atpatch_latency.py --bundle BUNDLE_WITH_DETECTOR [--reps 200] [--device cpu|cuda]
@@ -256,8 +256,8 @@ def main():
     ops = [(run["device"], name[5:], r["torch_ops_overhead_vs_eager"]) for run in runs
            for name, r in run["results"].items() if "torch_ops_overhead_vs_eager" in r]
     if ops:
-        lines += ["", "The CPU Detector as torch ops (`AtPatch(cpu_kernel=False)`, before the compiled kernel) "
-                  "against the compiled kernel (the table above), over the same eager forward:", "",
+        lines += ["", "The CPU Detector and Γ as torch ops (`AtPatch(cpu_kernel=False)`, before the compiled kernels) "
+                  "against the compiled kernels (the table above), over the same eager forward:", "",
                   "| device | batch | unpatched, kernel | unpatched, torch ops | patched, kernel | patched, torch ops |",
                   "|---|---|---|---|---|---|"]
         for run in runs:

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# g++: builds the compiled CPU Detector on first use (repair/atpatch/detector_kernel.py)
+# g++: builds AtPatch's compiled CPU hot path on first use (repair/atpatch/cpu_kernel.py)
 APT_PACKAGES=(dataset-fashion-mnist prometheus g++)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

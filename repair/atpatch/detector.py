@@ -163,7 +163,7 @@ class Detector(nn.Module):
         not kept: NumPy (no faster); torch.compile (slower, ``README.md``, AtPatch added
         latency); TorchScript (no faster, and its CPU fuser needs an LLVM backend the pinned
         torch lacks). What the CPU hot path now runs is the same arithmetic compiled as one C++
-        function (``repair.atpatch.detector_kernel``); this form stays the GPU's eager path and
+        function (``repair.atpatch.cpu_kernel``); this form stays the GPU's eager path and
         the CPU's where the kernel cannot be built."""
         b, heads, nq, n = attn.shape
         f, w = self._fast, self._sum_form(layer, heads, nq)

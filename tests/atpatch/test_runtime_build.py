@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ from offline.atpatch_build import (CLEAN_FLAG_RATES, GATED_THRESHOLDS, BuildErro
 from offline.datasets import load_dataset
 from offline.defects import Trigger
 from repair.atpatch import benign as benign_io
-from repair.atpatch import detector_kernel
+from repair.atpatch import cpu_kernel
 from repair.atpatch.detector import Detector, DetectorError, logit_threshold
+from repair.atpatch.redistribution import redistribute
 from repair.atpatch.runtime import AtPatch, CounterfactualGate, TargetClassGate, row_gate
 from repair.atpatch.trigger_inversion import RESTARTS
 from repair.attention import NoAttentionError
@@ -181,7 +183,8 @@ def test_the_gpu_hook_path_flags_and_answers_as_the_cpu_path(patched):
     for gate in (None, TargetClassGate(version.manifest["defect"]["target_class"])):
         atp.gate = gate
         try:
-            cpu_path = atp(x, "on")
+            with _torch_ops(atp):  # the same Γ as the tensor path's (the kernels: the test below)
+                cpu_path = atp(x, "on")
             atp.tensor_only = True
             tensor_paths = [atp(x, "on")]
             atp._step = functools.partial(atp._device_step, fusable=True)  # what compile_hot_path compiles
@@ -400,19 +403,30 @@ def test_protected_attributes_on_images_are_refused(digits_vit_badnets, copy_bun
     assert Bundle(path).version_ids() == ["v0001"]
 
 
-def test_the_cpu_path_runs_the_compiled_detector_and_flags_as_the_torch_ops(patched):
-    """On the CPU the hook's Detector is the compiled kernel (``repair.atpatch.detector_kernel``);
-    the torch ops it replaces give the same flags and so the same answers."""
+def test_the_cpu_path_runs_the_compiled_kernels_and_answers_as_the_torch_ops(patched):
+    """On the CPU the hook's Detector and Γ are compiled (``repair.atpatch.cpu_kernel``); the torch
+    ops they replace give the same flags and the same answers (Γ's row sums are taken in another
+    order, so patched logits agree to float rounding)."""
     version, _, atp = patched
-    assert isinstance(atp._cpu_logits, detector_kernel.CompiledDetector)
+    assert isinstance(atp._cpu_scores, cpu_kernel.CompiledDetector) and atp._redistribute is not redistribute
     data = load_dataset("digits")
     x = torch.cat([data.x_test[:64], Trigger.from_tensors(version.tensors("defect")).apply(data.x_test[:64])])
     compiled = atp(x, "on")
-    atp._cpu_logits = atp.detector.logits_from_heads
-    try:
+    with _torch_ops(atp):
         ops = atp(x, "on")
-    finally:
-        atp._cpu_logits = detector_kernel.cpu_logits(atp.detector)
     assert compiled.patched[64:].float().mean() > 0.9
     assert torch.equal(compiled.flagged, ops.flagged)
-    assert torch.equal(compiled.logits, ops.logits)
+    assert torch.equal(compiled.logits[~compiled.patched], ops.logits[~ops.patched])
+    torch.testing.assert_close(compiled.logits, ops.logits, atol=1e-5, rtol=0)
+    assert torch.equal(compiled.logits.argmax(-1), ops.logits.argmax(-1))
+
+
+@contextmanager
+def _torch_ops(atp: AtPatch):
+    """The CPU path with the torch ops instead of the compiled kernels."""
+    kernels = atp._cpu_scores, atp._redistribute
+    atp._cpu_scores, atp._redistribute = cpu_kernel.cpu_scores(atp.detector, compiled=False), redistribute
+    try:
+        yield atp
+    finally:
+        atp._cpu_scores, atp._redistribute = kernels

@@ -1,17 +1,22 @@
-"""The Detector's CPU hot path as one compiled C++ function (``detector_kernel.cpp``).
+"""AtPatch's CPU hot path compiled (``cpu_kernel.cpp``): the Detector (Eq. 5-6) and Γ (Eq. 11),
+one C++ function each.
 
-Why: at inference the Detector's 16 torch ops (``Detector.logits_from_heads``) run between the
-model's own ops, where each costs 2-3x what it costs back to back, and at batch 1 their dispatch
-is all there is. On an Intel Xeon with AVX-512 (digits ViT maps, 4 heads x 17 x 17, a tight
-loop) the torch ops take 46-49 µs at batch 1 and ~180 µs at batch 64, the kernel 6-8 µs and
-94-111 µs: it sums heads and rows in one pass and runs the per-column MLP 8 columns at a time in
-vector registers; only the log is an ATen call. Inside the forward, over the eager model, in one
-run (``bench/results/atpatch_latency_xeon.md``): unpatched +21.3 / +18.5 % with the torch ops,
-+6.5 / +9.7 % with the kernel (batch 1 / 64; target ≤ 10 %), patched +34.2 / +27.9 % → +22.4 /
-+21.6 %.
+Why: at inference their torch ops (16 for the Detector, ``Detector.logits_from_heads``; ~15 for
+Γ, ``redistribution.redistribute``) run between the model's own ops, where each costs 2-3x what
+it costs back to back, and at batch 1 their dispatch is all there is. On an Intel Xeon with
+AVX-512 (digits ViT maps, 4 heads x 17 x 17, a tight loop) the Detector's torch ops take 46-49 µs
+at batch 1 and ~180 µs at batch 64, the kernel 6-8 µs and 94-111 µs: it sums heads and rows in
+one pass and runs the per-column MLP 8 columns at a time in vector registers; only the log is an
+ATen call. Γ: 61 → 4 µs and 880 → 160 µs. Inside the forward, over the eager model, in one run
+(``bench/results/atpatch_latency_xeon.md``; batch 1 / 64): unpatched +21.1 / +17.9 % with the
+torch ops, +8.6 / +8.2 % compiled (target ≤ 10 %); patched +37.3 / +26.7 % → +10.1 / +13.7 %.
+
+Numbers: the Detector's logits are the torch ops' within 1e-6 (float sums in another order); Γ
+gives the same values up to the order of its row sums (≤ 3e-7), copies unflagged samples bit for
+bit, and is exact where a row's sums have one term.
 
 How: torch's C++ extension builder (g++ and ninja, ``scripts/setup.sh`` installs both) compiles
-it on first use, ~30 s, into ``$REPAIR_PROXY_KERNEL_DIR`` (default
+them on first use, ~30 s, into ``$REPAIR_PROXY_KERNEL_DIR`` (default
 ``~/.cache/repair-proxy/kernels``) under a name that hashes the source, the flags and the torch
 and Python versions; later processes import that build directly, without a compiler (the Docker
 image compiles it in its build stage). Where it cannot be built, AtPatch warns once and uses
@@ -32,9 +37,11 @@ from types import ModuleType
 import torch
 
 from repair.atpatch.detector import Detector
+from repair.atpatch.redistribution import redistribute
 
-SOURCE = Path(__file__).with_name("detector_kernel.cpp")
-CHANNELS, HIDDEN = 16, 32  # the widths the kernel is compiled for (``detector_kernel.cpp``)
+SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+_NO_BENIGN = torch.empty(0)  # Γ's masked variant (Q = 0) in the kernel's arguments
+CHANNELS, HIDDEN = 16, 32  # the widths the kernel is compiled for (``cpu_kernel.cpp``)
 STALE_LOCK_S = 600
 
 
@@ -50,7 +57,7 @@ def _flags() -> list[str]:
 
 def _name(flags: list[str]) -> str:
     key = "\0".join([SOURCE.read_text(), *flags, torch.__version__, sys.version])
-    return "repair_detector_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "repair_atpatch_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 @functools.cache
@@ -92,13 +99,14 @@ def _build(name: str, flags: list[str], build: Path) -> ModuleType:
 
 
 class CompiledDetector:
-    """``Detector.logits_from_heads`` through the kernel: CPU float32 maps, after ``prepare``."""
+    """``Detector.logits_from_heads`` through the kernel (CPU float32 maps, after ``prepare``),
+    with the logits' maximum: ``(logits (B, N), max)``."""
 
     def __init__(self, detector: Detector, kernel: ModuleType):
         self.detector, self.kernel = detector, kernel
         self._weights: dict[tuple[int, int, int], tuple] = {}
 
-    def __call__(self, attn: torch.Tensor, layer: int) -> torch.Tensor:
+    def __call__(self, attn: torch.Tensor, layer: int) -> tuple[torch.Tensor, float]:
         key = (layer, attn.shape[1], attn.shape[2])
         weights = self._weights.get(key)
         if weights is None:
@@ -113,10 +121,30 @@ class CompiledDetector:
                 f["mix_b"][layer].contiguous(), f["out_w"].contiguous(), float(f["out_b"]))
 
 
-def cpu_logits(detector: Detector):
-    """What the CPU hot path calls for a prepared Detector: the kernel, or the torch ops."""
-    if (detector.channels, detector.hidden) == (CHANNELS, HIDDEN):
+def cpu_scores(detector: Detector, compiled: bool = True):
+    """What the CPU hot path calls for a prepared Detector: ``(attn, layer) -> (logits, max)``, the
+    kernel where it is built (and ``compiled``), else the torch ops."""
+    if compiled and (detector.channels, detector.hidden) == (CHANNELS, HIDDEN):
         kernel = load()
         if kernel is not None:
             return CompiledDetector(detector, kernel)
-    return detector.logits_from_heads
+
+    def torch_ops(attn: torch.Tensor, layer: int) -> tuple[torch.Tensor, float]:
+        logits = detector.logits_from_heads(attn, layer)
+        return logits, float(logits.max())
+
+    return torch_ops
+
+
+def cpu_redistribute(compiled: bool = True):
+    """What the CPU hot path calls for Γ, with ``redistribute``'s signature: the kernel where it is
+    built (and ``compiled``), else ``redistribute`` itself."""
+    kernel = load() if compiled else None
+    if kernel is None:
+        return redistribute
+
+    def compiled(attn: torch.Tensor, flags: torch.Tensor, benign: torch.Tensor | None,
+                 rescale: bool = True) -> torch.Tensor:
+        return kernel.redistribute(attn, flags, _NO_BENIGN if benign is None else benign, rescale)
+
+    return compiled

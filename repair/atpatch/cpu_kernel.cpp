@@ -1,16 +1,20 @@
-// The Detector's hot path on the CPU (AtPatch Eq. 5-6 before σ) as one function: the same
-// arithmetic as ``Detector.logits_from_heads`` (repair/atpatch/detector.py), which takes 16 torch
-// ops per map. Why and how much: repair/atpatch/detector_kernel.py.
+// AtPatch's CPU hot path, one function each (why and how much: repair/atpatch/cpu_kernel.py):
 //
-// Per sample: the head sum s = H·a (Eq. 5 up to the 1/H folded into the weights), the log-ratio
+// detector_logits: the Detector (Eq. 5-6 before σ), the same arithmetic as
+// ``Detector.logits_from_heads`` (repair/atpatch/detector.py, 16 torch ops per map). Per sample:
+// the head sum s = H·a (Eq. 5 up to the 1/H folded into the weights), the log-ratio
 // r = log(s·q/H + ε·q) to the benign map (Eq. 10), the column profile (sums and maxima over query
 // rows of s and r), its lower median over columns, then per column the 1x1 convolution, the
 // per-column MLP and the output unit, every weight already |w| and scaled (``Detector.prepare``).
+//
+// redistribute: Γ (Eq. 11), ``redistribute`` of repair/atpatch/redistribution.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -78,11 +82,12 @@ void column_mlp(const float* __restrict p, int64_t n_cols, int64_t n_pad, const 
 
 }  // namespace
 
-// attn (B, H, Nq, N) float32; q_per_head, eps_q (Nq, N); returns logits (B, N).
-torch::Tensor detector_logits(torch::Tensor attn, torch::Tensor q_per_head, torch::Tensor eps_q,
-                              torch::Tensor conv_w, torch::Tensor neg_median_w, torch::Tensor conv_b,
-                              torch::Tensor mix_w, torch::Tensor mix_b, torch::Tensor out_w,
-                              double out_b) {
+// attn (B, H, Nq, N) float32; q_per_head, eps_q (Nq, N); returns logits (B, N) and their maximum
+// (the hot path's "nothing flagged" test reads it, one op fewer).
+std::tuple<torch::Tensor, double> detector_logits(
+    torch::Tensor attn, torch::Tensor q_per_head, torch::Tensor eps_q, torch::Tensor conv_w,
+    torch::Tensor neg_median_w, torch::Tensor conv_b, torch::Tensor mix_w, torch::Tensor mix_b,
+    torch::Tensor out_w, double out_b) {
   TORCH_CHECK(attn.dim() == 4 && attn.scalar_type() == torch::kFloat && attn.device().is_cpu(),
               "attention maps must be a float32 CPU tensor (B, H, Nq, N)");
   attn = attn.contiguous();
@@ -151,9 +156,70 @@ torch::Tensor detector_logits(torch::Tensor attn, torch::Tensor q_per_head, torc
                  out + b * n);
     }
   });
-  return logits;
+  const float top = batch * n ? *std::max_element(out, out + batch * n) : -INFINITY;
+  return {logits, top};
+}
+
+// Γ (AtPatch Eq. 11) on attn (B, H, Nq, N) float32 for flags bool (B, N): ``redistribute`` of
+// repair/atpatch/redistribution.py, element for element (its row sums in another order).
+// benign (Nq, N), or an empty tensor for the masked variant (Q = 0). Samples with nothing
+// flagged are copied bit for bit.
+torch::Tensor redistribute(torch::Tensor attn, torch::Tensor flags, torch::Tensor benign, bool rescale) {
+  TORCH_CHECK(attn.dim() == 4 && attn.scalar_type() == torch::kFloat && attn.device().is_cpu(),
+              "attention maps must be a float32 CPU tensor (B, H, Nq, N)");
+  attn = attn.contiguous();
+  flags = flags.contiguous();
+  const int64_t batch = attn.size(0), heads = attn.size(1), nq = attn.size(2), n = attn.size(3);
+  const bool masked = benign.numel() == 0;
+  TORCH_CHECK(flags.scalar_type() == torch::kBool && flags.numel() == batch * n,
+              "flags must be bool (B, N) for maps (B, H, Nq, N)");
+  TORCH_CHECK(masked || (benign.scalar_type() == torch::kFloat && benign.numel() == nq * n),
+              "benign columns must be float32 (Nq, N)");
+  if (!masked) benign = benign.contiguous();
+  auto out = torch::empty_like(attn);
+  const float* a = attn.data_ptr<float>();
+  const bool* f = flags.data_ptr<bool>();
+  const float* q = masked ? nullptr : benign.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t per_sample = heads * nq * n;
+  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const bool* fb = f + b * n;
+      const float* ab = a + b * per_sample;
+      float* ob = o + b * per_sample;
+      const int64_t n_flagged = std::count(fb, fb + n, true);
+      if (n_flagged == 0) {
+        std::copy(ab, ab + per_sample, ob);
+        continue;
+      }
+      const float uniform = 1.f / static_cast<float>(std::max<int64_t>(n - n_flagged, 1));
+      for (int64_t hi = 0; hi < heads * nq; ++hi) {
+        const float* row = ab + hi * n;
+        const float* qi = masked ? nullptr : q + (hi % nq) * n;
+        float* out_row = ob + hi * n;
+        float rest_sum = 0.f, q_sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) {
+          if (fb[j]) q_sum += masked ? 0.f : qi[j];
+          else rest_sum += row[j];
+        }
+        float scale = 1.f;
+        bool degenerate = false;
+        if (rescale) {
+          const float target = masked ? 1.f : 1.f - q_sum;
+          degenerate = !(rest_sum > 1e-6f);  // almost all mass was on flagged columns: spread uniformly
+          scale = target / (degenerate ? 1.f : rest_sum);
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          if (fb[j]) out_row[j] = masked ? 0.f : qi[j];
+          else out_row[j] = (degenerate ? uniform : row[j]) * scale;
+        }
+      }
+    }
+  });
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("detector_logits", &detector_logits, py::call_guard<py::gil_scoped_release>());
+  m.def("redistribute", &redistribute, py::call_guard<py::gil_scoped_release>());
 }
