@@ -19,17 +19,19 @@ How: torch's C++ extension builder (g++ and ninja, ``scripts/setup.sh`` installs
 them on first use, ~30 s, into ``$REPAIR_PROXY_KERNEL_DIR`` (default
 ``~/.cache/repair-proxy/kernels``) under a name that hashes the source, the flags and the torch
 and Python versions; later processes import that build directly, without a compiler (the Docker
-image compiles it in its build stage). Where it cannot be built, AtPatch warns once and uses
-the torch ops: the same numbers, slower. GPU paths never use it.
+image compiles it in its build stage). Processes starting together build it once (a file lock
+the OS releases if its holder dies, so a killed build never blocks the next). Where it cannot
+be built, AtPatch warns once and uses the torch ops: the same numbers, slower. GPU paths never
+use it.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import importlib.util
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -42,7 +44,6 @@ from repair.atpatch.redistribution import redistribute
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 _NO_BENIGN = torch.empty(0)  # Γ's masked variant (Q = 0) in the kernel's arguments
 CHANNELS, HIDDEN = 16, 32  # the widths the kernel is compiled for (``cpu_kernel.cpp``)
-STALE_LOCK_S = 600
 
 
 def kernel_dir() -> Path:
@@ -62,33 +63,42 @@ def _name(flags: list[str]) -> str:
 
 @functools.cache
 def load() -> ModuleType | None:
-    """The compiled kernel module, built on first use; None (with one warning) where it cannot be."""
+    """The compiled kernels' module, built on first use; None (with one warning) where it cannot be."""
     flags = _flags()
     name = _name(flags)
     build = kernel_dir() / name
     built = build / f"{name}.so"
     try:
-        if not built.exists():
+        if built.exists():
+            return _import(name, built)
+        build.mkdir(parents=True, exist_ok=True)
+        # One builder at a time, by a lock the OS releases when its holder dies: a process that
+        # finds the build finished while it waited imports it.
+        with open(build / "build.flock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            if built.exists():
+                return _import(name, built)
             return _build(name, flags, build)
-        spec = importlib.util.spec_from_file_location(name, built)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
     except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: the torch ops
-        warnings.warn(f"AtPatch: the compiled CPU Detector is unavailable, using torch ops (slower): {err}")
+        warnings.warn(f"AtPatch: the compiled CPU kernels are unavailable, using torch ops (slower): {err}")
         return None
 
 
+def _import(name: str, built: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, built)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _build(name: str, flags: list[str], build: Path) -> ModuleType:
+    """Build under ``load``'s lock."""
     import ninja
     from torch.utils.cpp_extension import load as build_extension
 
-    build.mkdir(parents=True, exist_ok=True)
-    # torch's builder waits for as long as a lock file exists; one left by a build that was killed
-    # (a build takes ~30 s) would block every later load for ever
-    lock = build / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-        lock.unlink(missing_ok=True)
+    # torch's builder waits for as long as its own lock file exists; holding ours, any such file
+    # is what a killed build left behind, and would block every later load for ever
+    (build / "lock").unlink(missing_ok=True)
     # it runs `ninja` from PATH: the pip package's binary, which a venv's PATH may not hold
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path

@@ -101,7 +101,12 @@ def test_a_built_kernel_loads_without_a_compiler_and_an_unbuildable_one_falls_ba
     no_tools = str(tmp_path / "empty-path")     # neither c++ nor anything else on PATH
     # a server or container after the build: imports the cached build, needs no compiler
     assert _load_in_subprocess(PATH=no_tools).stdout.strip() == "compiled"
-    # nothing built in this kernel directory and no compiler: a warning, then the torch ops
-    fresh = _load_in_subprocess(PATH=no_tools, REPAIR_PROXY_KERNEL_DIR=str(tmp_path / "kernels"))
-    assert fresh.stdout.strip() == "torch ops"
-    assert "compiled CPU Detector is unavailable" in fresh.stderr
+    # nothing built in this kernel directory and no compiler: a warning, then the torch ops; the
+    # lock file of a build that was killed does not make it wait (torch's builder would, for ever)
+    fresh = tmp_path / "kernels"
+    stale = fresh / cpu_kernel._name(cpu_kernel._flags()) / "lock"
+    stale.parent.mkdir(parents=True)
+    stale.touch()
+    out = _load_in_subprocess(PATH=no_tools, REPAIR_PROXY_KERNEL_DIR=str(fresh))
+    assert out.stdout.strip() == "torch ops"
+    assert "compiled CPU kernels are unavailable" in out.stderr
