@@ -188,6 +188,18 @@ def graphed_runs(atp: AtPatch, inputs: dict, results: dict, reps: int, device) -
         }
 
 
+PLOT_ORDER = ("fused", "eager", "off", "on-clean", "on-patch", "gated-clean", "gated-flagged", "gated-patch",
+              "ops-clean", "ops-patch")
+
+
+def _color(variant: str) -> str:
+    """Baselines their own colours; unpatched requests yellow, patched red, flagged-but-kept purple."""
+    base = {"fused": "#888", "eager": "#48c", "off": "#4a8"}
+    if variant in base:
+        return base[variant]
+    return "#c44" if variant.endswith("patch") else "#a8c" if variant.endswith("flagged") else "#ca4"
+
+
 def plot(run: dict, path: Path) -> None:
     """Median ms per variant and batch size; on CUDA a second row: the same forwards graphed."""
     import matplotlib
@@ -201,12 +213,12 @@ def plot(run: dict, path: Path) -> None:
     for row, (key, label) in zip(axes, rows):
         for ax, (name, r) in zip(row, run["results"].items()):
             medians = r[key] if key == "median_ms" else r[key]["median_ms"]
-            ax.bar(list(medians), list(medians.values()),
-                   color=["#888", "#48c", "#4a8", "#ca4", "#c44", "#ca4", "#a8c", "#c44", "#ca4", "#c44"]
-                   [:len(medians)])
+            names = [v for v in PLOT_ORDER if v in medians]
+            ax.bar(names, [medians[v] for v in names], color=[_color(v) for v in names],
+                   hatch=["//" if v.startswith("ops-") else "" for v in names])
             ax.set_title(f"{run['device']} {name}, {label}median of {run['reps']}")
             ax.set_ylabel("ms / request")
-            ax.tick_params(axis="x", rotation=30)
+            plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
