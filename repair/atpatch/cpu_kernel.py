@@ -153,8 +153,8 @@ def cpu_redistribute(compiled: bool = True):
     if kernel is None:
         return redistribute
 
-    def compiled(attn: torch.Tensor, flags: torch.Tensor, benign: torch.Tensor | None,
-                 rescale: bool = True) -> torch.Tensor:
+    def kernel_redistribute(attn: torch.Tensor, flags: torch.Tensor, benign: torch.Tensor | None,
+                            rescale: bool = True) -> torch.Tensor:
         return kernel.redistribute(attn, flags, _NO_BENIGN if benign is None else benign, rescale)
 
-    return compiled
+    return kernel_redistribute
