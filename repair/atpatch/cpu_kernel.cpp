@@ -35,10 +35,13 @@ inline v8 load8(const float* p) {
   return v;
 }
 
+// NaN stays NaN in relu and max, as in torch (a map with NaN gives the torch ops' logits)
 inline v8 relu(v8 v) {
   const v8 zero = {};
-  return v > zero ? v : zero;
+  return v < zero ? zero : v;
 }
+
+inline float nan_max(float a, float b) { return (std::isnan(b) || b > a) ? b : a; }
 
 // One sample: profile p (4, n_pad), its rows zero-padded from n_cols to n_pad columns, a multiple
 // of 8. conv_w (4, C), neg_median_w (4, C), conv_b (C), mix_w (C, Hd), mix_b_t (Hd, n_pad),
@@ -50,9 +53,11 @@ void column_mlp(const float* __restrict p, int64_t n_cols, int64_t n_pad, const 
                 const float* __restrict out_w, float out_b, float* __restrict logits) {
   float sorted[kMaxColumns];
   float median[kProfile];
+  // NaN orders last, as in torch's sort (and nth_element needs a strict weak ordering)
+  const auto before = [](float a, float b) { return a < b || (std::isnan(b) && !std::isnan(a)); };
   for (int k = 0; k < kProfile; ++k) {  // torch.kthvalue((N + 1) // 2): the lower median
     std::copy(p + k * n_pad, p + k * n_pad + n_cols, sorted);
-    std::nth_element(sorted, sorted + (n_cols - 1) / 2, sorted + n_cols);
+    std::nth_element(sorted, sorted + (n_cols - 1) / 2, sorted + n_cols, before);
     median[k] = sorted[(n_cols - 1) / 2];
   }
   float bias[kChannels];
@@ -95,7 +100,9 @@ std::tuple<torch::Tensor, double> detector_logits(
   const int64_t map = nq * n;
   TORCH_CHECK(n <= kMaxColumns, "maps of more than ", kMaxColumns, " tokens are not supported");
   TORCH_CHECK(q_per_head.numel() == map && eps_q.numel() == map && mix_b.numel() == n * kHidden &&
-                  conv_w.numel() == kProfile * kChannels && mix_w.numel() == kChannels * kHidden,
+                  conv_w.numel() == kProfile * kChannels && neg_median_w.numel() == kProfile * kChannels &&
+                  conv_b.numel() == kChannels && mix_w.numel() == kChannels * kHidden &&
+                  out_w.numel() == kHidden,
               "detector weights do not fit a map of ", nq, " x ", n, " (channels 16, hidden 32)");
   auto s = torch::empty({batch, nq, n}, attn.options());
   auto r = torch::empty({batch, nq, n}, attn.options());
@@ -148,8 +155,8 @@ std::tuple<torch::Tensor, double> detector_logits(
         for (int64_t j = 0; j < n; ++j) {
           sum_s[j] += sq[j];
           sum_r[j] += rq[j];
-          max_s[j] = std::max(max_s[j], sq[j]);
-          max_r[j] = std::max(max_r[j], rq[j]);
+          max_s[j] = nan_max(max_s[j], sq[j]);
+          max_r[j] = nan_max(max_r[j], rq[j]);
         }
       }
       column_mlp(prof.data(), n, n_pad, cw, nmw, cb, mw, mix_b_t.data(), ow, static_cast<float>(out_b),

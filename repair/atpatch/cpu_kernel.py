@@ -5,11 +5,11 @@ Why: at inference their torch ops (16 for the Detector, ``Detector.logits_from_h
 Γ, ``redistribution.redistribute``) run between the model's own ops, where each costs 2-3x what
 it costs back to back, and at batch 1 their dispatch is all there is. On an Intel Xeon with
 AVX-512 (digits ViT maps, 4 heads x 17 x 17, a tight loop) the Detector's torch ops take 46-49 µs
-at batch 1 and ~180 µs at batch 64, the kernel 6-8 µs and 94-111 µs: it sums heads and rows in
+at batch 1 and ~180 µs at batch 64, the kernel 6-8 µs and 94-124 µs: it sums heads and rows in
 one pass and runs the per-column MLP 8 columns at a time in vector registers; only the log is an
 ATen call. Γ: 61 → 4 µs and 880 → 160 µs. Inside the forward, over the eager model, in one run
-(``bench/results/atpatch_latency_xeon.md``; batch 1 / 64): unpatched +21.1 / +17.9 % with the
-torch ops, +8.6 / +8.2 % compiled (target ≤ 10 %); patched +37.3 / +26.7 % → +10.1 / +13.7 %.
+(``bench/results/atpatch_latency_xeon.md``; batch 1 / 64): unpatched +20.8 / +17.5 % with the
+torch ops, +9.2 / +8.4 % compiled (target ≤ 10 %); patched +37.7 / +26.1 % → +11.7 / +13.4 %.
 
 Numbers: the Detector's logits are the torch ops' within 1e-6 (float sums in another order); Γ
 gives the same values up to the order of its row sums (≤ 3e-7), copies unflagged samples bit for

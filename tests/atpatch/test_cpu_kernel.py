@@ -40,6 +40,11 @@ def test_the_kernel_gives_the_detectors_logits(n):
             torch.testing.assert_close(logits, det(attn.mean(1), layer), atol=1e-5, rtol=0)
             assert top == logits.max().item()
             assert (logits > 0).any() and (logits < 0).any()
+    # a map with NaN (a model that overflowed): what the torch ops give, no undefined ordering
+    attn = torch.randn(3, 4, n, n).softmax(-1)
+    attn[1, 0, 2, 1] = float("nan")
+    torch.testing.assert_close(compiled(attn, 0)[0], det.logits_from_heads(attn, 0), atol=1e-5, rtol=0,
+                               equal_nan=True)
     # a view that is not contiguous, e.g. a map computed with its heads last
     attn = torch.randn(2, n, 4, n).softmax(-1).transpose(1, 2)
     torch.testing.assert_close(compiled(attn, 0)[0], det(attn.mean(1), 0), atol=1e-5, rtol=0)
