@@ -87,11 +87,12 @@ void column_mlp(const float* __restrict p, int64_t n_cols, int64_t n_pad, const 
 
 }  // namespace
 
-// attn (B, H, Nq, N) float32; q_per_head, eps_q (Nq, N); returns logits (B, N) and their maximum
-// (the hot path's "nothing flagged" test reads it, one op fewer).
+// attn (B, H, Nq, N) float32; q_per_head, eps_q (Nq, N); mix_b_t (Hd, N padded to a multiple of
+// kLanes with zeros, laid out once per layer by the caller); returns logits (B, N) and their
+// maximum (the hot path's "nothing flagged" test reads it, one op fewer).
 std::tuple<torch::Tensor, double> detector_logits(
     torch::Tensor attn, torch::Tensor q_per_head, torch::Tensor eps_q, torch::Tensor conv_w,
-    torch::Tensor neg_median_w, torch::Tensor conv_b, torch::Tensor mix_w, torch::Tensor mix_b,
+    torch::Tensor neg_median_w, torch::Tensor conv_b, torch::Tensor mix_w, torch::Tensor mix_b_t,
     torch::Tensor out_w, double out_b) {
   TORCH_CHECK(attn.dim() == 4 && attn.scalar_type() == torch::kFloat && attn.device().is_cpu(),
               "attention maps must be a float32 CPU tensor (B, H, Nq, N)");
@@ -99,7 +100,8 @@ std::tuple<torch::Tensor, double> detector_logits(
   const int64_t batch = attn.size(0), heads = attn.size(1), nq = attn.size(2), n = attn.size(3);
   const int64_t map = nq * n;
   TORCH_CHECK(n <= kMaxColumns, "maps of more than ", kMaxColumns, " tokens are not supported");
-  TORCH_CHECK(q_per_head.numel() == map && eps_q.numel() == map && mix_b.numel() == n * kHidden &&
+  const int64_t n_pad = (n + kLanes - 1) / kLanes * kLanes;
+  TORCH_CHECK(q_per_head.numel() == map && eps_q.numel() == map && mix_b_t.numel() == kHidden * n_pad &&
                   conv_w.numel() == kProfile * kChannels && neg_median_w.numel() == kProfile * kChannels &&
                   conv_b.numel() == kChannels && mix_w.numel() == kChannels * kHidden &&
                   out_w.numel() == kHidden,
@@ -129,12 +131,7 @@ std::tuple<torch::Tensor, double> detector_logits(
   float* out = logits.data_ptr<float>();
   const float *cw = conv_w.data_ptr<float>(), *nmw = neg_median_w.data_ptr<float>();
   const float *cb = conv_b.data_ptr<float>(), *mw = mix_w.data_ptr<float>();
-  const float *mb = mix_b.data_ptr<float>(), *ow = out_w.data_ptr<float>();
-  // mix_b as (Hd, n_pad), zero-padded columns, as column_mlp reads it
-  const int64_t n_pad = (n + kLanes - 1) / kLanes * kLanes;
-  std::vector<float> mix_b_t(kHidden * n_pad, 0.f);
-  for (int64_t j = 0; j < kHidden; ++j)
-    for (int64_t i = 0; i < n; ++i) mix_b_t[j * n_pad + i] = mb[i * kHidden + j];
+  const float *mb = mix_b_t.data_ptr<float>(), *ow = out_w.data_ptr<float>();
   at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
     // rows: Σ s, Σ r, max s, max r over the query rows, each padded to n_pad columns
     std::vector<float> prof(kProfile * n_pad, 0.f);
@@ -159,7 +156,7 @@ std::tuple<torch::Tensor, double> detector_logits(
           max_r[j] = nan_max(max_r[j], rq[j]);
         }
       }
-      column_mlp(prof.data(), n, n_pad, cw, nmw, cb, mw, mix_b_t.data(), ow, static_cast<float>(out_b),
+      column_mlp(prof.data(), n, n_pad, cw, nmw, cb, mw, mb, ow, static_cast<float>(out_b),
                  out + b * n);
     }
   });
@@ -229,4 +226,5 @@ torch::Tensor redistribute(torch::Tensor attn, torch::Tensor flags, torch::Tenso
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("detector_logits", &detector_logits, py::call_guard<py::gil_scoped_release>());
   m.def("redistribute", &redistribute, py::call_guard<py::gil_scoped_release>());
+  m.attr("lanes") = kLanes;  // columns per vector: detector_logits' padding of mix_b_t
 }
