@@ -75,7 +75,7 @@ def _evaluate(a):
 
     result = evaluate_bundle(a.bundle, version=a.version, patch=a.patch, defect=a.defect,
                              target_class=a.target_class, visibility=a.visibility,
-                             location=a.location, heatmaps=a.heatmaps)
+                             location=a.location, heatmaps=a.heatmaps, detector_curve=a.detector_curve)
     print(json.dumps(result, indent=None if a.json else 1))
 
 
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", choices=["on", "off"], default="off")
     _add_defect_options(p)
     p.add_argument("--heatmaps", metavar="DIR", help="save attention maps before/after as PNG")
+    p.add_argument("--detector-curve", metavar="PNG",
+                   help="save the Detector's precision-recall and FPR/FNR curves as τ moves (vision)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_evaluate)
 

@@ -4,7 +4,8 @@ layers the build chose). Default: the digits ViT BadNets model, trained here if 
     .venv/bin/python bench/atpatch_vision.py [--epochs 50] [--work /tmp/atpatch-digits]
     .venv/bin/python bench/atpatch_vision.py --zoo /work/zoo-runs/fashion-vit-trojan --name fashion-trojan
     .venv/bin/python bench/atpatch_vision.py --zoo ... --target-gate   # builds served with the target gate
-Writes bench/results/atpatch_NAME.{json,md} and heatmaps under bench/results/atpatch_heatmaps/NAME.
+Writes bench/results/atpatch_NAME.{json,md}, the Detectors' curves as τ moves in
+atpatch_NAME_detector.png, and heatmaps under bench/results/atpatch_heatmaps/NAME.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from offline.atpatch_build import build_detector  # noqa: E402
 from offline.datasets import load_dataset  # noqa: E402
 from offline.defects import Trigger  # noqa: E402
-from offline.evaluate import evaluate_bundle  # noqa: E402
+from offline.evaluate import FPR_BOUND, evaluate_bundle, plot_detector_curves  # noqa: E402
 from offline.zoo import train_bundle  # noqa: E402
 from repair.atpatch import benign as benign_io  # noqa: E402
 from repair.atpatch.runtime import AtPatch, row_gate  # noqa: E402
@@ -136,6 +137,19 @@ def main():
                      f"{on['accuracy']} | {on['asr']} | {on['clean_to_target']} | {on['patch_rate']['clean']} | {d['precision']} | "
                      f"{d['recall']} | {d['fpr']} | {d['fnr']} | {nd.get('accuracy')} / {nd.get('asr')} | "
                      f"{nr.get('accuracy')} / {nr.get('asr')} | {tc.get('accuracy')} / {tc.get('asr')} |")
+    curve_png = plot_detector_curves({f"seed {b['seed']}": b["on"]["detector"]["curve"] for b in builds},
+                                     OUT / f"atpatch_{args.name}_detector.png",
+                                     f"{args.name}: Detectors on test maps (strict), every layer's τ moved together")
+    lines += ["", f"The Detectors' scores as τ moves (every layer's logit threshold shifted together; "
+              f"`{curve_png.name}`): the lowest FNR any τ reaches at FPR ≤ {FPR_BOUND} on these test maps. "
+              "That τ is chosen with the real trigger's truth: it shows what the scores allow, not a τ a build, "
+              "which knows only its inverted trigger, could pick.", "",
+              "| seed | served τ | FPR | FNR | best τ at FPR ≤ 0.1 | FPR | FNR |", "|---|---|---|---|---|---|---|"]
+    for b in builds:
+        c = b["on"]["detector"]["curve"]
+        at, best = next(p for p in c["points"] if p["shift"] == 0), c["best_fnr_at_fpr"]
+        lines.append(f"| {b['seed']} | {at['thresholds']} | {at['fpr']} | {at['fnr']} | {best['thresholds']} | "
+                     f"{best['fpr']} | {best['fnr']} |")
     served = [(b["seed"], b["on"]["detector"]["served"]) for b in builds if "served" in b["on"]["detector"]]
     if served:
         lines += ["", "Served Detector metrics (the same maps, flags only on rows the target gate lets through: "

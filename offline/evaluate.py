@@ -2,7 +2,8 @@
 ``--patch on`` the Detector's strict map-level metrics (AtPatch §4.2.2), the two ablations of
 §4.2.3 (a random 1-3 column selector instead of the Detector; no rescaling), for a known trigger
 the method's ceiling (the real trigger's columns instead of the Detector: what a perfect Detector
-would reach), and optional PNG heatmaps of attention maps before/after the patch.
+would reach), the Detector's strict metrics as τ moves (the paper's Fig. 3 PR curve; PNG with
+``--detector-curve``), and optional PNG heatmaps of attention maps before/after the patch.
 
 The Detector is scored on held-out maps: test images whose real trigger works (ground truth: the
 trigger's tokens where they draw more than 2x the attention of the same image without trigger,
@@ -17,7 +18,7 @@ import torch
 from offline.datasets import ImageData, load_dataset
 from offline.defects import Trigger
 from repair.atpatch.debugging_set import excess_layers, patch_tokens
-from repair.atpatch.detector import detect_maps, strict_metrics
+from repair.atpatch.detector import layer_logit_thresholds, map_logits, probability, strict_metrics
 from repair.atpatch.runtime import AtPatch, PatchedModel, TargetClassGate
 from repair.attention import attention_maps
 from repair.bundle import Bundle
@@ -74,20 +75,84 @@ def detector_metrics(patch: AtPatch, model, x_clean, x_bad, y, target, mask, pat
     maps_b, maps_c = attention_maps(model, xb), attention_maps(model, xc)
     tokens = patch_tokens(mask, patch_size)
     _, ratios = excess_layers(attention_maps(model, x_clean[works]), maps_b, tokens, 2.0)
-    run = patch.layers
-    flags_b = detect_maps(patch.detector, [maps_b[l] for l in run], patch.threshold, layers=run)
-    flags_c = detect_maps(patch.detector, [maps_c[l] for l in run], patch.threshold, layers=run)
+    run, det = patch.layers, patch.detector
+    z = layer_logit_thresholds(patch.threshold, det.n_layers)
+    # each column's logit minus its layer's threshold: flagged where > 0 (Eq. 9)
+    margins_b = [g - z[l] for l, g in zip(run, map_logits(det, [maps_b[l] for l in run], layers=run))]
+    margins_c = [g - z[l] for l, g in zip(run, map_logits(det, [maps_c[l] for l in run], layers=run))]
+    flags_b, flags_c = [m > 0 for m in margins_b], [m > 0 for m in margins_c]
     truth_b = torch.zeros(len(xb), maps_b[0].shape[-1], dtype=torch.bool)
     truth_b[:, tokens] = True
     flags = torch.cat(flags_b + flags_c)
     truth = torch.cat([truth_b] * len(run) + [torch.zeros_like(f) for f in flags_c])
     out = strict_metrics(flags, truth)
+    out["curve"] = threshold_curve(torch.cat(margins_b + margins_c), truth, [z[l] for l in run])
     if isinstance(patch.gate, TargetClassGate):
         answered_target = (predict(model, xc) == patch.gate.target)[:, None]
         out["served"] = strict_metrics(torch.cat(flags_b + [f & answered_target for f in flags_c]), truth)
     out.update(maps_triggered=len(xb) * len(run), maps_clean=len(xc) * len(run), trigger_tokens=tokens,
                detector_layers=run, trigger_excess_ratio=[round(r, 2) for r in ratios])
     return out
+
+
+# The issue's Detector targets: FPR ≤ 0.10 and FNR ≤ 0.01 (the paper's Table 4: FPR ≤ 0.099).
+FPR_BOUND = 0.10
+
+
+def threshold_curve(margins: torch.Tensor, truth: torch.Tensor, logit_thresholds: list[float],
+                    points: int = 101) -> dict:
+    """The strict metrics as every layer's logit threshold moves by one shift ``s`` (the paper's
+    Fig. 3 PR curve, and the FPR/FNR it trades). ``margins``: ``(M, N)`` logits minus the served
+    thresholds ``logit_thresholds`` (one per layer the Detector runs on), so ``s = 0`` is the
+    served operating point. ``best_fnr_at_fpr``: the lowest FNR of any shift at FPR ≤ 0.10. It is
+    picked with the real trigger's truth, so it shows what the Detector's scores allow, not a
+    threshold a build could choose: a build knows only its inverted trigger."""
+    lo, hi = float(margins.min()), float(margins.max())
+    shifts = sorted(set(torch.linspace(lo - 1e-3, hi + 1e-3, points).tolist()) | {0.0})
+    curve = []
+    for s in shifts:
+        m = strict_metrics(margins > s, truth)
+        curve.append({"shift": round(s, 3), "thresholds": [round(probability(z + s), 4) for z in logit_thresholds],
+                      **{k: m[k] for k in ("precision", "recall", "fpr", "fnr")}})
+    within = [c for c in curve if c["fpr"] <= FPR_BOUND]
+    return {"points": curve, "best_fnr_at_fpr": {"fpr_at_most": FPR_BOUND,
+                                                 **min(within, key=lambda c: (c["fnr"], c["fpr"]))}}
+
+
+def plot_detector_curves(curves: dict[str, dict], path: Path, title: str) -> Path:
+    """PNG of ``{label: threshold_curve(...)}``: strict precision against recall (the paper's
+    Fig. 3) and FNR against FPR with the issue's target corner shaded; the served operating
+    point (shift 0) of every curve marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (pr, rates) = plt.subplots(1, 2, figsize=(10, 4.2))
+    rates.fill_between([0, FPR_BOUND], 0, 0.01, color="tab:green", alpha=0.3, label="target: FPR ≤ 0.10, FNR ≤ 0.01")
+    for label, curve in curves.items():
+        pts = [c for c in curve["points"] if c["recall"] > 0]
+        served = next(c for c in curve["points"] if c["shift"] == 0)
+        line, = pr.plot([c["recall"] for c in pts], [c["precision"] for c in pts], label=label)
+        pr.plot(served["recall"], served["precision"], "o", color=line.get_color())
+        rates.plot([c["fpr"] for c in curve["points"]], [c["fnr"] for c in curve["points"]], color=line.get_color(),
+                   label=label)
+        rates.plot(served["fpr"], served["fnr"], "o", color=line.get_color())
+    pr.set(xlabel="recall (strict)", ylabel="precision (strict)", xlim=(0, 1.02), ylim=(0, 1.02),
+           title="precision-recall (dots: served τ)")
+    rates.set(xlabel="FPR (clean maps flagged)", ylabel="FNR (triggered maps not exactly the trigger)",
+              xlim=(0, 1.02), ylim=(0, 1.02), title="error rates as τ moves (linear below 0.01)")
+    rates.set_xscale("symlog", linthresh=0.01)   # the targets live near 0: give them room
+    rates.set_yscale("symlog", linthresh=0.01)
+    pr.legend(fontsize=8, loc="lower left")
+    rates.legend(fontsize=8, loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def save_heatmaps(patch: AtPatch, x: torch.Tensor, out: Path, prefix: str) -> list[str]:
@@ -123,12 +188,21 @@ def save_heatmaps(patch: AtPatch, x: torch.Tensor, out: Path, prefix: str) -> li
 
 
 def evaluate_bundle(bundle, version=None, patch="off", defect="none", target_class=0,
-                    visibility=0.5, location="br", heatmaps=None, ablations: bool = True) -> dict:
+                    visibility=0.5, location="br", heatmaps=None, ablations: bool = True,
+                    detector_curve=None) -> dict:
+    """``heatmaps``: a folder for PNG attention maps before/after the patch; ``detector_curve``:
+    a PNG path for the Detector's curve (:func:`plot_detector_curves`). Both for a vision version
+    with ``--patch on`` and a trigger to measure."""
     if patch not in ("on", "off"):
         raise EvaluateError(f"--patch must be on or off, got {patch!r}")
+    if (heatmaps or detector_curve) and patch != "on":
+        raise EvaluateError("--heatmaps and --detector-curve show the patch: they need --patch on")
     v = Bundle(bundle).version(version)
     model = v.build_model("cpu")
     data = load_dataset(v.manifest["dataset"]["name"])
+    if detector_curve and not (isinstance(data, ImageData) and _trigger(v, defect, visibility, location)):
+        raise EvaluateError(f"--detector-curve scores the Detector on triggered images: version {v.id} is not a "
+                            "vision model with a trigger recorded or given (--defect badnets|blend)")
     if patch == "on" and not AtPatch.available(v):
         raise EvaluateError(f"version {v.id} has no AtPatch detector; run `repair-proxy atpatch build` first")
     atp = AtPatch.from_version(v, model) if patch == "on" else None
@@ -137,7 +211,7 @@ def evaluate_bundle(bundle, version=None, patch="off", defect="none", target_cla
     try:
         if isinstance(data, ImageData):
             _vision(result, v, model, atp, net, data, defect, target_class, visibility, location,
-                    heatmaps, ablations)
+                    heatmaps, ablations, detector_curve)
         else:
             _tabular(result, v, model, atp, net, data, ablations)
     finally:
@@ -147,7 +221,7 @@ def evaluate_bundle(bundle, version=None, patch="off", defect="none", target_cla
 
 
 def _vision(result, v, model, atp, net, data, defect, target_class, visibility, location, heatmaps,
-            ablations):
+            ablations, detector_curve):
     trig = _trigger(v, defect, visibility, location)
     if trig is None:
         return
@@ -165,6 +239,9 @@ def _vision(result, v, model, atp, net, data, defect, target_class, visibility, 
     with atp.bare():
         result["detector"] = detector_metrics(atp, model, data.x_test, x_bad, data.y_test, target,
                                               trig.mask, patch_size)
+    if detector_curve:
+        result["detector_curve"] = str(plot_detector_curves(
+            {v.id: result["detector"]["curve"]}, detector_curve, f"Detector of {v.id}, test maps (strict, §4.2.2)"))
     if ablations:
         tokens = patch_tokens(trig.mask, patch_size)
         result["ablations"] = _ablations(atp, data.x_test, data.y_test, x_bad, target, true_tokens=tokens)

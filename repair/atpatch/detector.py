@@ -355,15 +355,22 @@ def train_detector(maps: list[torch.Tensor], labels: list[torch.Tensor], partner
 
 
 @torch.no_grad()
+def map_logits(det: Detector, maps: list[torch.Tensor], batch_size: int = 1024,
+               layers: list[int] | None = None) -> list[torch.Tensor]:
+    """Eq. 6 before σ: logits ``(M, N)`` for head-averaged maps ``(M, Nq, N)``, one entry per
+    layer (``maps[i]`` is layer ``layers[i]``; default: every layer in order)."""
+    layers = range(len(maps)) if layers is None else layers
+    return [torch.cat([det(m[i:i + batch_size], l) for i in range(0, len(m), batch_size)])
+            for l, m in zip(layers, maps)]
+
+
 def detect_maps(det: Detector, maps: list[torch.Tensor], threshold: float | list[float],
                 batch_size: int = 1024, layers: list[int] | None = None) -> list[torch.Tensor]:
-    """Flags ``(M, N)`` for head-averaged maps ``(M, Nq, N)`` (Eq. 9), one entry per layer
-    (``maps[i]`` is layer ``layers[i]``; default: every layer in order). ``threshold``: one τ, or
-    one per layer of the model (see :func:`layer_logit_thresholds`)."""
+    """Flags ``(M, N)`` (Eq. 9) of :func:`map_logits`. ``threshold``: one τ, or one per layer of
+    the model (see :func:`layer_logit_thresholds`)."""
     z = layer_logit_thresholds(threshold, det.n_layers)
-    layers = range(len(maps)) if layers is None else layers
-    return [torch.cat([det(m[i:i + batch_size], l) > z[l] for i in range(0, len(m), batch_size)])
-            for l, m in zip(layers, maps)]
+    layers = list(range(len(maps))) if layers is None else list(layers)
+    return [logits > z[l] for l, logits in zip(layers, map_logits(det, maps, batch_size, layers))]
 
 
 def strict_metrics(flags: torch.Tensor, truth: torch.Tensor) -> dict:

@@ -1,6 +1,8 @@
 """`repair-proxy evaluate`: accuracy/ASR before and after, strict detector metrics, ablations."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,9 +14,10 @@ from repair.bundle import Bundle
 
 
 @pytest.fixture(scope="module")
-def evaluated(digits_patched):
+def evaluated(digits_patched, tmp_path_factory):
     off = evaluate_bundle(digits_patched, patch="off", defect="badnets", ablations=False)
-    on = evaluate_bundle(digits_patched, patch="on", defect="badnets")
+    on = evaluate_bundle(digits_patched, patch="on", defect="badnets",
+                         detector_curve=tmp_path_factory.mktemp("curve") / "detector.png")
     return off, on
 
 
@@ -43,6 +46,31 @@ def test_detector_metrics_follow_their_definitions(evaluated):
     assert d["fpr"] == pytest.approx(fp / (fp + tn), abs=1e-4)
     assert d["fnr"] == pytest.approx(1 - d["recall"], abs=1e-4)
     assert d["trigger_tokens"] == [16]  # the 3x3 BadNets patch sits in the last of 16 patches
+
+
+def test_the_detector_curve_runs_through_the_served_threshold_and_trades_fpr_for_fnr(evaluated):
+    d = evaluated[1]["detector"]
+    points = d["curve"]["points"]
+    served = next(p for p in points if p["shift"] == 0)
+    assert [served[k] for k in ("precision", "recall", "fpr", "fnr")] == [d[k] for k in ("precision", "recall", "fpr", "fnr")]
+    fprs = [p["fpr"] for p in points]  # shifts ascending: a higher τ never flags more clean maps
+    assert fprs == sorted(fprs, reverse=True) and (fprs[0], fprs[-1]) == (1.0, 0.0)
+    assert points[-1]["fnr"] == 1.0  # above every score nothing is flagged, the trigger neither
+    taus = [p["thresholds"][0] for p in points]
+    assert taus == sorted(taus) and 0 < taus[0] <= taus[-1] < 1
+    best = d["curve"]["best_fnr_at_fpr"]
+    assert best["fpr"] <= 0.1 and best["fnr"] == min(p["fnr"] for p in points if p["fpr"] <= 0.1)
+    assert best["fnr"] <= served["fnr"] or served["fpr"] > 0.1
+    png = Path(evaluated[1]["detector_curve"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_pictures_of_the_patch_need_the_patch_on_and_a_trigger(digits_patched, compas_ft_atpatch, tmp_path):
+    with pytest.raises(EvaluateError, match="need --patch on"):
+        evaluate_bundle(digits_patched, patch="off", detector_curve=tmp_path / "c.png")
+    with pytest.raises(EvaluateError, match="not a vision model with a trigger"):
+        evaluate_bundle(compas_ft_atpatch, patch="on", detector_curve=tmp_path / "c.png")
+    assert not (tmp_path / "c.png").exists()
 
 
 def test_served_metrics_count_only_the_flags_the_target_gate_lets_through(digits_patched):
