@@ -119,7 +119,7 @@ async def read_json(request: Request):
         raise Unprocessable("request body is empty; send a JSON object")
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except ValueError as err:  # malformed JSON, bad UTF-8, or a number of more than 4300 digits
         raise Unprocessable(f"request body is not valid JSON: {err}") from None
     except RecursionError:  # ``[[[[...]]]]`` nested past Python's recursion limit
         raise Unprocessable("request body is not valid JSON: nested too deeply") from None

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 
+from repair.editing.layers import LayerError, resolve_layer
 from repair.images import encode_png
 
 from offline.worker import JobNotFound, JobStore  # the job format is the worker's
@@ -37,6 +38,11 @@ def submit(store: JobStore, served, body: RectifyRequest, max_pixels: int) -> di
     if body.label is not None and body.label >= len(served.labels):
         raise Unprocessable(f"label {body.label} is out of range: the model has "
                             f"{len(served.labels)} classes (0..{len(served.labels) - 1})")
+    if body.layer is not None:
+        try:
+            resolve_layer(served.model, body.layer)
+        except LayerError as err:
+            raise Unprocessable(str(err)) from None
     pair = served.preprocess_images([b64decode(body.clean, "clean"),
                                      b64decode(body.corrupt, "corrupt")], max_pixels)
     if (pair[0] == pair[1]).all():

@@ -150,6 +150,8 @@ def test_bad_inputs_get_clear_4xx(server, reference):
         ("extra field", post("/predict", json={"images": [b64png(x[0])], "x": 1}), 422, "x"),
         ("not JSON", post("/predict", content=b"{nope", headers={"content-type": "application/json"}), 422, "JSON"),
         ("empty body", post("/predict", content=b"", headers={"content-type": "application/json"}), 422, "empty"),
+        ("5000-digit number", post("/predict", content=b'{"images": [1' + b"0" * 5000 + b"]}",
+                                   headers={"content-type": "application/json"}), 422, "not valid JSON"),
         ("nested too deeply", post("/predict", content=b'{"images":' + b"[" * 5000 + b"]" * 5000 + b"}",
                                    headers={"content-type": "application/json"}), 422, "nested"),
         ("text body", post("/predict", content=b"hi", headers={"content-type": "text/plain"}), 415, "text/plain"),
@@ -235,10 +237,11 @@ def test_rectify_submission_is_queued_not_run(server, reference):
     corrupt = x[0].clone()
     corrupt[:, -3:, -3:] = 1.0
     r = httpx.post(server.url + "/rectify", headers=auth,
-                   json={"clean": b64png(x[0]), "corrupt": b64png(corrupt), "label": 3})
+                   json={"clean": b64png(x[0]), "corrupt": b64png(corrupt), "label": 3, "layer": "blocks.0.attn.qkv"})
     assert r.status_code == 202, r.text
     job = httpx.get(server.url + r.json()["status_url"], headers=auth).json()
     assert job["status"] == "queued" and job["params"]["label"] == 3  # no worker in this server
+    assert job["params"]["layer"] == "blocks.0.attn.qkv"
     assert job["params"]["stress"] == 2.0   # the defaults reach the worker
     assert job["params"]["candidates"] == 1 and job["params"]["min_gain"] == MIN_GAIN
     bad = [({"clean": b64png(x[0]), "corrupt": b64png(x[0])}, "identical"),
@@ -248,6 +251,7 @@ def test_rectify_submission_is_queued_not_run(server, reference):
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "stress": 0.5}, "stress"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "candidates": 0}, "candidates"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "min_gain": 1}, "min_gain"),
+           ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "layer": "blocks.9.fc"}, "not an editable layer"),
            ({"clean": b64png(x[0])}, "corrupt")]
     for body, needle in bad:
         r = httpx.post(server.url + "/rectify", headers=auth, json=body)
