@@ -8,8 +8,8 @@ AVX-512 (digits ViT maps, 4 heads x 17 x 17, a tight loop) the Detector's torch 
 at batch 1 and ~180 µs at batch 64, the kernel 6-8 µs and 94-124 µs: it sums heads and rows in
 one pass and runs the per-column MLP 8 columns at a time in vector registers; only the log is an
 ATen call. Γ: 61 → 4 µs and 880 → 160 µs. Inside the forward, over the eager model, in one run
-(``bench/results/atpatch_latency_xeon.md``; batch 1 / 64): unpatched +21.9 / +17.7 % with the
-torch ops, +8.5 / +8.4 % compiled (target ≤ 10 %); patched +39.1 / +27.1 % → +10.0 / +13.2 %.
+(``bench/results/atpatch_latency_xeon.md``; batch 1 / 64): unpatched +22.3 / +17.5 % with the
+torch ops, +5.3 / +8.2 % compiled (target ≤ 10 %); patched +40.1 / +27.4 % → +9.0 / +13.5 %.
 
 Numbers: the Detector's logits are the torch ops' within 1e-6 (float sums in another order); Γ
 gives the same values up to the order of its row sums (≤ 3e-7), copies unflagged samples bit for
