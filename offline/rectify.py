@@ -21,6 +21,7 @@ from repair.bundle import Bundle, BundleError, state_dict_for_saving
 from repair.editing.dynamic import MAX_ROUNDS, MIN_GAIN, STRESS, prediction_gap, rectify
 from repair.editing.keystats import compute_keystats, stats_from_tensors, stats_to_tensors
 from repair.editing.layers import editable_layers
+from repair.images import ImageError, decode_image
 
 KEYSTATS_SAMPLES = 1024   # clean training images for C = K Kᵀ
 # Training images (the last ones) on which the budget ε is checked; the test split stays unseen.
@@ -211,20 +212,15 @@ def prepare_keystats(bundle: str | Path, progress: bool = True, activate: bool =
 
 
 def load_png(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:
-    """A PNG as ``(C, H, W)`` in [0, 1]; it must already be the model's input size."""
-    from PIL import Image, UnidentifiedImageError
-
+    """A PNG or JPEG file as ``(C, H, W)`` in [0, 1], decoded as the server decodes requests
+    (:func:`repair.images.decode_image`: 8-bit only); it must already be the model's input size."""
+    c, h, w = shape
     try:
-        with Image.open(path) as img:
-            img = img.convert("L" if shape[0] == 1 else "RGB")
-            arr = np.asarray(img, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as err:
+        return decode_image(Path(path).read_bytes(), channels=c, height=h, width=w)
+    except OSError as err:
         raise RectifyError(f"{path} is not a readable image: {err}") from err
-    t = torch.from_numpy(arr)
-    t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
-    if tuple(t.shape) != tuple(shape):
-        raise RectifyError(f"{path} is {tuple(t.shape)}; the model expects {tuple(shape)}")
-    return t
+    except ImageError as err:
+        raise RectifyError(f"{path}: {err}") from err
 
 
 def rectify_from_files(bundle, clean: str, corrupt: str, **kwargs) -> dict:

@@ -50,6 +50,8 @@ def decode_image(data: bytes, channels: int | None = None, height: int | None = 
         img = Image.open(io.BytesIO(bytes(data)))
     except Image.DecompressionBombError as err:
         raise ImageTooLarge(f"image is too large: {err}") from None
+    except Image.UnidentifiedImageError:  # its message is the repr of our buffer
+        raise ImageError("not a readable image (PNG or JPEG expected)") from None
     except Exception as err:  # PIL raises many types for garbage input
         raise ImageError(f"not a readable image (PNG or JPEG expected): {err}") from None
     if img.format not in ("PNG", "JPEG"):

@@ -138,8 +138,13 @@ def test_from_files_static_mode_edits_the_last_layer(digits_vit_blend, copy_bund
         Image.fromarray((t[0].numpy() * 255).round().astype(np.uint8)).save(paths[name])
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((20, 20), dtype=np.uint8)).save(big)
-    with pytest.raises(RectifyError, match="expects"):
+    with pytest.raises(RectifyError, match="big.png: image is 20x20 .* this model takes 16x16"):
         rectify_from_files(dst, str(big), str(paths["corrupt"]))
+    # decoded as the server decodes requests: a 16-bit PNG would be clipped by a plain convert("L")
+    deep = tmp_path / "deep.png"
+    Image.fromarray((clean[0].numpy() * 65535).astype(np.uint16)).save(deep)
+    with pytest.raises(RectifyError, match="deep.png: image mode I;16 is not 8-bit"):
+        rectify_from_files(dst, str(deep), str(paths["corrupt"]))
     result = rectify_from_files(dst, str(paths["clean"]), str(paths["corrupt"]), label=label,
                                 static=True, progress=False, activate=False, epochs=50, validation=300)
     store = Bundle(dst)
