@@ -71,7 +71,9 @@ class TabularSchema:
 
     def encode_value(self, feature: Feature, value) -> float:
         if feature.kind == "numeric":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool):  # JSON true is not 1
+                raise RecordError(f"feature {feature.name!r} must be a number, got {value!r}")
+            if not isinstance(value, (int, float)):
                 try:
                     value = float(value)
                 except (TypeError, ValueError):

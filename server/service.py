@@ -98,6 +98,7 @@ class Service:
     async def infer(self, served: Served, x: torch.Tensor, mode: str, endpoint: str,
                     decode_seconds: float) -> tuple[BatchResult, Timing]:
         result, timing = await self.batcher.submit(served, mode, x)
+        _require_finite(result)
         m = self.metrics
         m.duration.labels(endpoint=endpoint, stage="decode").observe(decode_seconds)
         m.duration.labels(endpoint=endpoint, stage="queue").observe(timing.queue_seconds)
@@ -114,6 +115,18 @@ class Service:
                     if count:
                         m.patched_columns.labels(layer=str(layer)).inc(count)
         return result, timing
+
+
+def _require_finite(result: BatchResult) -> None:
+    """A sample whose answer is NaN or infinite is the client's input far outside what the model
+    was trained on (a tabular value of 1e30 overflows the FT-Transformer): a 422 naming it, not a
+    200 whose JSON would carry NaN."""
+    for r in (result, result.shadow):
+        if r is not None:
+            bad = (~torch.isfinite(r.probabilities).all(-1)).nonzero().flatten().tolist()
+            if bad:
+                raise Unprocessable(f"the model's answer for sample(s) {bad[:10]} is not finite: their "
+                                    "values lie far outside what it was trained on")
 
 
 def patch_mode(value: str | None) -> str:

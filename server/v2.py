@@ -161,11 +161,19 @@ def _parse(svc, served, body: dict) -> torch.Tensor:
         svc.check_count(len(x))
         return x
     columns = {}
-    for inp in inputs:
-        data = inp.get("data")
+    for inp in inputs:  # one input per feature: {name, datatype, shape [n], data (n values)}
+        name, data, shape = inp.get("name"), inp.get("data"), inp.get("shape")
         if not isinstance(data, list):
-            raise Unprocessable(f"input {inp.get('name')!r}: data must be a list")
-        columns[inp.get("name")] = data
+            raise Unprocessable(f"input {name!r}: data must be a list")
+        if name in columns:
+            raise Unprocessable(f"input {name!r} is given twice")
+        if inp.get("datatype") not in (*DTYPES, "BYTES"):
+            raise Unprocessable(f"input {name!r}: datatype {inp.get('datatype')!r} is not one of "
+                                f"{', '.join(DTYPES)} or BYTES")
+        if shape != [len(data)]:
+            raise Unprocessable(f"input {name!r}: shape {shape!r} does not describe its {len(data)} values "
+                                f"(a feature input has shape [{len(data)}])")
+        columns[name] = data
     lengths = {len(v) for v in columns.values()}
     if len(lengths) != 1:
         raise Unprocessable(f"feature inputs have different lengths {sorted(lengths)}")
@@ -186,8 +194,12 @@ async def _infer(request: Request, name: str, version: str | None):
     t0 = now()
     body = await read_json(request)
     x = _parse(svc, served, body)
-    params = body.get("parameters") or {}
-    mode = patch_mode(request.query_params.get("patch") or (params.get("patch") if isinstance(params, dict) else None))
+    params, wanted = body.get("parameters") or {}, body.get("outputs")
+    if not isinstance(params, dict):
+        raise Unprocessable("'parameters' must be an object, e.g. {\"patch\": \"off\"}")
+    if wanted is not None and not isinstance(wanted, list):
+        raise Unprocessable("'outputs' must be a list of {\"name\": ...}")
+    mode = patch_mode(request.query_params.get("patch") or params.get("patch"))
     result, _ = await svc.infer(served, x, mode, "infer", now() - t0)
     preds = predictions(served, result)
     probs = result.probabilities
@@ -198,8 +210,7 @@ async def _infer(request: Request, name: str, version: str | None):
          "data": [p["class_index"] for p in preds]},
         {"name": "label", "datatype": "BYTES", "shape": [len(preds)], "data": [p["label"] for p in preds]},
     ]
-    wanted = body.get("outputs")
-    if isinstance(wanted, list) and wanted:
+    if wanted:
         names = [o.get("name") if isinstance(o, dict) else None for o in wanted]
         unknown = [n for n in names if n not in ("probabilities", "class_index", "label")]
         if unknown:

@@ -301,8 +301,22 @@ def test_tabular_records(tabular_bundle):
                ({"records": [dict(records[0], age=math.nan)]}, "finite"),
                ({"records": [dict(records[0], age="old")]}, "number"),
                ({"records": [dict(records[0], zip=1)]}, "unknown features"),
+               ({"records": [dict(records[0], age=True)]}, "must be a number, got True"),
+               # finite, but the model overflows: its answer would be NaN in a 200 (invalid JSON)
+               ({"records": [records[0], dict(records[0], age=1e30)]}, "sample(s) [1] is not finite"),
                ({"images": [b64png(torch.zeros(1, 16, 16))]}, "records")]
         for body, needle in bad:  # json.dumps writes NaN as a bare NaN, as careless clients do
             r = httpx.post(s.url + "/predict", content=json.dumps(body),
                            headers={"content-type": "application/json"})
+            assert r.status_code == 422 and needle in r.json()["error"], r.text
+        v2 = f"/v2/models/{s.service.settings.name}/infer"
+        bad_v2 = [(inputs[:1] + inputs, "given twice"),
+                  ([dict(inputs[0], shape=[10**12])] + inputs[1:], "does not describe its 6 values"),
+                  ([dict(inputs[0], datatype="STRING")] + inputs[1:], "datatype 'STRING'")]
+        for body_inputs, needle in bad_v2:
+            r = httpx.post(s.url + v2, json={"inputs": body_inputs})
+            assert r.status_code == 422 and needle in r.json()["error"], r.text
+        for extra, needle in (({"parameters": "off"}, "'parameters' must be an object"),
+                              ({"outputs": "label"}, "'outputs' must be a list")):
+            r = httpx.post(s.url + v2, json={"inputs": inputs, **extra})
             assert r.status_code == 422 and needle in r.json()["error"], r.text
