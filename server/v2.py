@@ -150,6 +150,9 @@ def _parse(svc, served, body: dict) -> torch.Tensor:
             data = inp.get("data")
             if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
                 raise Unprocessable("BYTES input: data must be a list of base64 strings")
+            if inp.get("shape") != [len(data)]:
+                raise Unprocessable(f"BYTES input: shape {inp.get('shape')!r} does not describe its {len(data)} "
+                                    f"images (shape [{len(data)}])")
             svc.check_count(len(data))
             return served.preprocess_images([b64decode(d, f"image {i}") for i, d in enumerate(data)], limit)
         x = served.check_tensor(_tensor(inp))

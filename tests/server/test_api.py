@@ -109,6 +109,9 @@ def test_v2_protocol(server, reference):
     assert r.status_code == 200, r.text
     assert [o["name"] for o in r.json()["outputs"]] == ["label"]
     assert r.json()["outputs"][0]["data"] == [str(i) for i in probs[:2].argmax(-1).tolist()]
+    r = httpx.post(server.url + f"/v2/models/{name}/infer", timeout=60, json={
+        "inputs": [{"name": "images", "shape": [5], "datatype": "BYTES", "data": [b64png(x[0]), b64png(x[1])]}]})
+    assert r.status_code == 422 and "does not describe its 2 images" in r.json()["error"], r.text
     r = httpx.get(server.url + "/v2/models/nope")
     assert r.status_code == 404 and "nope" in r.json()["error"]
     r = httpx.post(server.url + f"/v2/models/{name}/versions/v9999/infer", json={"inputs": [tensor]})
