@@ -144,7 +144,7 @@ def main():
               f"`{curve_png.name}`): the lowest FNR any τ reaches at FPR ≤ {FPR_BOUND} on these test maps. "
               "That τ is chosen with the real trigger's truth: it shows what the scores allow, not a τ a build, "
               "which knows only its inverted trigger, could pick.", "",
-              "| seed | served τ | FPR | FNR | best τ at FPR ≤ 0.1 | FPR | FNR |", "|---|---|---|---|---|---|---|"]
+              f"| seed | served τ | FPR | FNR | best τ at FPR ≤ {FPR_BOUND} | FPR | FNR |", "|---|---|---|---|---|---|---|"]
     for b in builds:
         c = b["on"]["detector"]["curve"]
         at, best = next(p for p in c["points"] if p["shift"] == 0), c["best_fnr_at_fpr"]
