@@ -30,6 +30,7 @@ EDITS = "edits.json"
 # Tensor artefacts a version may hold; nothing else (no pickle, no code) is ever read.
 TENSOR_FILES = ("model", "detector", "benign", "keystats", "defect")
 ALLOWED_FILES = {MANIFEST, EDITS} | {f"{name}.safetensors" for name in TENSOR_FILES}
+MAX_VERSION_ID = 64  # characters (ids written here are v0001, v0002, ...)
 
 
 class BundleError(Exception):
@@ -137,8 +138,12 @@ class Bundle:
     def version(self, version_id: str | None = None) -> Version:
         """Open a version (default: the current one), refusing anything but safetensors + JSON."""
         version_id = version_id or self.current_id()
-        if not version_id or "/" in version_id or version_id.startswith("."):
-            raise BundleError(f"invalid version id {version_id!r}")
+        # ids come from clients too (``POST /versions/{id}/activate``): a name of this folder's,
+        # never a path, and short enough for any file system (a 5000-character id was a 500)
+        if not version_id or "/" in version_id or "\0" in version_id or version_id.startswith(".") \
+                or len(version_id) > MAX_VERSION_ID:
+            shown = version_id if len(version_id or "") <= MAX_VERSION_ID else version_id[:MAX_VERSION_ID] + "..."
+            raise BundleError(f"invalid version id {shown!r}")
         path = self.versions_dir / version_id
         if not path.is_dir():
             raise BundleError(f"bundle {self.root} has no version {version_id!r}")

@@ -152,3 +152,6 @@ def test_parent_links_edits_and_rollback(tmp_path):
         b.activate("v0099")
     with pytest.raises(BundleError, match="invalid"):
         b.version("../v0001")
+    for bad in ("v" * 5000, "v0001\0"):  # past any file name limit; a NUL byte: not an OSError either
+        with pytest.raises(BundleError, match="invalid version id"):
+            b.activate(bad)

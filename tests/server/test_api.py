@@ -172,6 +172,8 @@ def test_bad_inputs_get_clear_4xx(server, reference):
         ("wrong token on activate", post("/versions/v0001/activate", headers={"Authorization": "Bearer x"}),
          401, "wrong"),
         ("unknown route", httpx.get(server.url + "/nothing"), 404, "/nothing"),
+        ("5000-character version id", post("/versions/" + "v" * 5000 + "/activate",
+                                           headers={"Authorization": f"Bearer {TOKEN}"}), 404, "invalid version id"),
     ]
     for what, r, status, needle in cases:
         assert r.status_code == status, (what, r.status_code, r.text)
