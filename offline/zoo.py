@@ -19,7 +19,7 @@ from offline.defects import (Trigger, badnets_trigger, blend_trigger, block_imag
                              spurious_pattern, trojan_trigger, user_trigger)
 from offline.training import train_classifier
 from repair.bundle import Bundle, BundleError, Version, state_dict_for_saving
-from repair.images import decode_image, encode_png, quantize
+from repair.images import ImageError, decode_image, encode_png, quantize
 from repair.metrics import accuracy, attack_success_rate, unfairness
 from repair.models import build_model
 
@@ -111,7 +111,10 @@ def _read_trigger_png(path: str | Path) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such trigger image")
-    decode_image(path.read_bytes())  # same guards as client images (size, truncation, format)
+    try:  # same guards as client images (size, truncation, format)
+        decode_image(path.read_bytes())
+    except ImageError as err:
+        raise DataError(f"{path}: {err}") from None
     img = Image.open(path)
     mode = {"1": "L", "L": "L", "LA": "LA", "RGB": "RGB", "RGBA": "RGBA", "P": "RGBA"}.get(img.mode, "RGB")
     arr = np.asarray(img.convert(mode), dtype=np.uint8)
@@ -198,6 +201,8 @@ def train_bundle(out: str | Path, *, dataset: str = "digits", arch: str = "vit",
         raise BundleError(f"{out} already holds a bundle; choose a new --out")
     if defect not in DEFECTS:
         raise ValueError(f"unknown defect {defect!r}; known: {', '.join(DEFECTS)}")
+    if epochs is not None and epochs < 1:  # None: the data set's default
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
     locations = split_locations(location)
     if len(locations) > 1 and defect not in PATCH_BACKDOORS:
         raise ValueError(f"several trigger locations ({location!r}) apply to a patch backdoor "

@@ -132,6 +132,15 @@ def test_location_lists_are_validated(tmp_path):
         train_bundle(tmp_path / "b", defect="blend", location="br+tl")
 
 
+def test_bad_training_options_are_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="epochs must be at least 1, got 0"):  # not "0 = the default"
+        train_bundle(tmp_path / "b", defect="badnets", epochs=0)
+    (tmp_path / "t.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="t.png: not a readable image"):  # which file, too
+        train_bundle(tmp_path / "b", defect="badnets", trigger_png=str(tmp_path / "t.png"))
+    assert not (tmp_path / "b").exists()
+
+
 def test_zoo_records_every_trigger_location(tmp_path):
     v = train_bundle(tmp_path / "b", dataset="digits", defect="badnets", location="br+tl+center",
                      epochs=1, max_train=150, max_test=40, progress=False)
