@@ -338,6 +338,8 @@ def serve(bundle: str, host: str = "127.0.0.1", port: int = 8080, device: str = 
                          "pass --token (or set REPAIR_TOKEN), or --insecure on a trusted network")
     if workers < 1:
         raise ValueError(f"--workers must be ≥ 1, got {workers}")
+    if not 1 <= port <= 65535:  # uvicorn logs "running on :70000", then exits 0 without serving
+        raise ValueError(f"--port must be a TCP port (1-65535), got {port}")
     Bundle(bundle).version()  # fail now, clearly, on a bad bundle
     resolve_device(device)
     _configure_logging()

@@ -273,12 +273,17 @@ def test_admin_disabled_without_token(plain_bundle, reference):
         assert httpx.post(s.url + "/predict", json={"images": [b64png(x[0])]}).status_code == 200
 
 
-def test_serve_refuses_rectify_without_token(plain_bundle, monkeypatch):
+def test_serve_refuses_rectify_without_token_and_impossible_settings(plain_bundle, monkeypatch):
     from server.app import serve
 
     monkeypatch.delenv("REPAIR_TOKEN", raising=False)
     with pytest.raises(ValueError, match="--token"):
         serve(str(plain_bundle), port=1, token=None, insecure=False)
+    for port in (0, 70000):  # uvicorn would log "running on :70000" and exit without serving
+        with pytest.raises(ValueError, match=f"--port must be a TCP port .*got {port}"):
+            serve(str(plain_bundle), port=port, insecure=True)
+    with pytest.raises(ValueError, match="--workers must be"):
+        serve(str(plain_bundle), workers=0, insecure=True)
 
 
 def test_tabular_records(tabular_bundle):
