@@ -24,6 +24,7 @@ router = APIRouter(prefix="/v2")
 DTYPES = {"FP32": torch.float32, "FP64": torch.float64, "FP16": torch.float16,
           "UINT8": torch.uint8, "INT8": torch.int8, "INT16": torch.int16, "INT32": torch.int32,
           "INT64": torch.int64, "BOOL": torch.bool}
+DATATYPES = (*DTYPES, "BYTES")  # what an input may declare (BYTES: base64 images, category names)
 
 
 def _service(request: Request):
@@ -110,12 +111,16 @@ async def model_version_ready(name: str, version: str, request: Request):
 
 # -- infer ---------------------------------------------------------------------------------------
 
+def _bad_datatype(inp: dict) -> Unprocessable:
+    return Unprocessable(f"input {inp.get('name', '?')!r}: datatype {inp.get('datatype')!r} is not one of "
+                         f"{', '.join(DATATYPES)}")
+
+
 def _tensor(inp: dict) -> torch.Tensor:
     name = inp.get("name", "?")
     dtype = DTYPES.get(inp.get("datatype"))
     if dtype is None:
-        raise Unprocessable(f"input {name!r}: datatype {inp.get('datatype')!r} is not one of "
-                            f"{', '.join(DTYPES)} (or BYTES)")
+        raise _bad_datatype(inp)
     shape = inp.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise Unprocessable(f"input {name!r}: shape must be a list of non-negative integers")
@@ -170,9 +175,8 @@ def _parse(svc, served, body: dict) -> torch.Tensor:
             raise Unprocessable(f"input {name!r}: data must be a list")
         if name in columns:
             raise Unprocessable(f"input {name!r} is given twice")
-        if inp.get("datatype") not in (*DTYPES, "BYTES"):
-            raise Unprocessable(f"input {name!r}: datatype {inp.get('datatype')!r} is not one of "
-                                f"{', '.join(DTYPES)} or BYTES")
+        if inp.get("datatype") not in DATATYPES:
+            raise _bad_datatype(inp)
         if shape != [len(data)]:
             raise Unprocessable(f"input {name!r}: shape {shape!r} does not describe its {len(data)} values "
                                 f"(a feature input has shape [{len(data)}])")
