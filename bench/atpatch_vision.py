@@ -147,7 +147,7 @@ def main():
               f"| seed | served τ | FPR | FNR | best τ at FPR ≤ {FPR_BOUND} | FPR | FNR |", "|---|---|---|---|---|---|---|"]
     for b in builds:
         c = b["on"]["detector"]["curve"]
-        at, best = next(p for p in c["points"] if p["shift"] == 0), c["best_fnr_at_fpr"]
+        at, best = c["served"], c["best_fnr_at_fpr"]
         lines.append(f"| {b['seed']} | {at['thresholds']} | {at['fpr']} | {at['fnr']} | {best['thresholds']} | "
                      f"{best['fpr']} | {best['fnr']} |")
     served = [(b["seed"], b["on"]["detector"]["served"]) for b in builds if "served" in b["on"]["detector"]]

@@ -77,9 +77,11 @@ def detector_metrics(patch: AtPatch, model, x_clean, x_bad, y, target, mask, pat
     _, ratios = excess_layers(attention_maps(model, x_clean[works]), maps_b, tokens, 2.0)
     run, det = patch.layers, patch.detector
     z = layer_logit_thresholds(patch.threshold, det.n_layers)
-    # each column's logit minus its layer's threshold: flagged where > 0 (Eq. 9)
-    margins_b = [g - z[l] for l, g in zip(run, map_logits(det, [maps_b[l] for l in run], layers=run))]
-    margins_c = [g - z[l] for l, g in zip(run, map_logits(det, [maps_c[l] for l in run], layers=run))]
+
+    def margins(maps):  # each column's logit minus its layer's threshold: flagged where > 0 (Eq. 9)
+        return [g - z[l] for l, g in zip(run, map_logits(det, [maps[l] for l in run], layers=run))]
+
+    margins_b, margins_c = margins(maps_b), margins(maps_c)
     flags_b, flags_c = [m > 0 for m in margins_b], [m > 0 for m in margins_c]
     truth_b = torch.zeros(len(xb), maps_b[0].shape[-1], dtype=torch.bool)
     truth_b[:, tokens] = True
@@ -104,19 +106,22 @@ def threshold_curve(margins: torch.Tensor, truth: torch.Tensor, logit_thresholds
     """The strict metrics as every layer's logit threshold moves by one shift ``s`` (the paper's
     Fig. 3 PR curve, and the FPR/FNR it trades). ``margins``: ``(M, N)`` logits minus the served
     thresholds ``logit_thresholds`` (one per layer the Detector runs on), so ``s = 0`` is the
-    served operating point. ``best_fnr_at_fpr``: the lowest FNR of any shift at FPR ≤ 0.10. It is
-    picked with the real trigger's truth, so it shows what the Detector's scores allow, not a
-    threshold a build could choose: a build knows only its inverted trigger."""
-    lo, hi = float(margins.min()), float(margins.max())
-    shifts = sorted(set(torch.linspace(lo - 1e-3, hi + 1e-3, points).tolist()) | {0.0})
-    curve = []
-    for s in shifts:
+    served operating point (``served``). ``best_fnr_at_fpr``: the lowest FNR of any shift at
+    FPR ≤ 0.10. It is picked with the real trigger's truth, so it shows what the Detector's scores
+    allow, not a threshold a build could choose: a build knows only its inverted trigger."""
+
+    def point(s: float) -> dict:
         m = strict_metrics(margins > s, truth)
-        curve.append({"shift": round(s, 3), "thresholds": [round(probability(z + s), 4) for z in logit_thresholds],
-                      **{k: m[k] for k in ("precision", "recall", "fpr", "fnr")}})
+        return {"shift": round(s, 3), "thresholds": [round(probability(z + s), 4) for z in logit_thresholds],
+                **{k: m[k] for k in ("precision", "recall", "fpr", "fnr")}}
+
+    lo, hi = float(margins.min()), float(margins.max())
+    shifts = sorted(torch.linspace(lo - 1e-3, hi + 1e-3, points).tolist() + [0.0])
+    curve = [point(s) for s in shifts]
+    served = curve[shifts.index(0.0)]
     within = [c for c in curve if c["fpr"] <= FPR_BOUND]
-    return {"points": curve, "best_fnr_at_fpr": {"fpr_at_most": FPR_BOUND,
-                                                 **min(within, key=lambda c: (c["fnr"], c["fpr"]))}}
+    return {"points": curve, "served": served,
+            "best_fnr_at_fpr": {"fpr_at_most": FPR_BOUND, **min(within, key=lambda c: (c["fnr"], c["fpr"]))}}
 
 
 def plot_detector_curves(curves: dict[str, dict], path: Path, title: str) -> Path:
@@ -132,7 +137,7 @@ def plot_detector_curves(curves: dict[str, dict], path: Path, title: str) -> Pat
     rates.fill_between([0, FPR_BOUND], 0, 0.01, color="tab:green", alpha=0.3, label="target: FPR ≤ 0.10, FNR ≤ 0.01")
     for label, curve in curves.items():
         pts = [c for c in curve["points"] if c["recall"] > 0]
-        served = next(c for c in curve["points"] if c["shift"] == 0)
+        served = curve["served"]
         line, = pr.plot([c["recall"] for c in pts], [c["precision"] for c in pts], label=label)
         pr.plot(served["recall"], served["precision"], "o", color=line.get_color())
         rates.plot([c["fpr"] for c in curve["points"]], [c["fnr"] for c in curve["points"]], color=line.get_color(),
