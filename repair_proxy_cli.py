@@ -63,7 +63,8 @@ def _rectify(a):
 
     validation = VALIDATION_SAMPLES if a.validation is None else a.validation
     stress = STRESS if a.stress is None else a.stress
-    result = rectify_from_files(a.bundle, clean=a.clean, corrupt=a.corrupt, label=a.label,
+    label = a.label[0] if a.label and len(a.label) == 1 else a.label
+    result = rectify_from_files(a.bundle, clean=a.clean, corrupt=a.corrupt, label=label,
                                 budget=a.budget, gap=a.gap, static=a.static, layer=a.layer,
                                 validation=validation, stress=stress, candidates=a.candidates,
                                 min_gain=MIN_GAIN if a.min_gain is None else a.min_gain)
@@ -138,11 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backdoor: random starts per class of the trigger inversion (Eq. 3 is non-convex; default 6)")
     p.set_defaults(func=_atpatch_build)
 
-    p = sub.add_parser("rectify", help="rank-one rectification from a clean/corrupt pair")
+    p = sub.add_parser("rectify", help="rank-one rectification from clean/corrupt pairs")
     p.add_argument("--bundle", required=True)
-    p.add_argument("--clean", required=True)
-    p.add_argument("--corrupt", required=True)
-    p.add_argument("--label", type=int)
+    p.add_argument("--clean", required=True, action="append",
+                   help="PNG of a clean input; repeat with --corrupt for n pairs, in the same order")
+    p.add_argument("--corrupt", required=True, action="append", help="PNG of the corrupt input of a pair")
+    p.add_argument("--label", type=int, action="append",
+                   help="class the corrupt input should get: once for every pair, or once per pair "
+                        "(default: the model's answer to the clean input)")
     p.add_argument("--budget", type=float, default=0.01, help="ε: tolerated validation accuracy drop")
     p.add_argument("--gap", type=float, default=0.001, help="δ: target gap")
     # default: offline.rectify.VALIDATION_SAMPLES, read when the command runs (keeps this import-light)

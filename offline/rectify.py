@@ -1,4 +1,4 @@
-"""Rectification job (CONTRACTS §2): a clean/corrupt pair in, a new bundle version out.
+"""Rectification job (CONTRACTS §2): a clean/corrupt pair (or n of them) in, a new bundle version out.
 
 ``rectify_images`` validates the pair before anything is computed or written, loads the key
 statistics from the version (or computes them from the bundle's training data and stores them in
@@ -55,6 +55,19 @@ def _as_batch(t, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     return t
 
 
+def _labels(label, n_pairs: int, n_classes: int) -> torch.Tensor:
+    """One label for every pair, or one per pair, as a ``(n_pairs,)`` tensor."""
+    given = [label] if isinstance(label, (int, np.integer)) else label
+    if isinstance(given, (str, bytes)) or not isinstance(given, (list, tuple)):
+        raise RectifyError(f"label must be a class index or a list of them, got {label!r}")
+    if len(given) not in (1, n_pairs):
+        raise RectifyError(f"{len(given)} labels for {n_pairs} pairs: give one label for all pairs or one per pair")
+    for y in given:
+        if isinstance(y, bool) or not isinstance(y, (int, np.integer)) or not 0 <= y < n_classes:
+            raise RectifyError(f"label {y!r} is not one of the model's {n_classes} classes (0..{n_classes - 1})")
+    return torch.tensor([int(y) for y in given] * (n_pairs // len(given)))
+
+
 def _input_shape(manifest: dict) -> tuple[int, int, int]:
     pre = manifest.get("preprocessing", {})
     if manifest.get("kind") != "vision" or pre.get("kind") != "image":
@@ -78,7 +91,7 @@ def training_images(version) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tensor,
-                   label: int | None = None, budget: float = 0.01, gap: float = 0.001,
+                   label: int | list[int] | None = None, budget: float = 0.01, gap: float = 0.001,
                    static: bool = False, layer: str | None = None, progress: bool = True,
                    activate: bool = True, epochs: int = 1000, max_rounds: int = MAX_ROUNDS,
                    device: str = "cpu", validation: int = VALIDATION_SAMPLES,
@@ -86,7 +99,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     """Rectify the current version with the pair(s) ``(clean, corrupt)``; see module docstring.
 
     ``clean``/``corrupt``: ``(C, H, W)`` in [0, 1] at the model's input size (or ``(n, C, H, W)``
-    for n pairs). ``validation``: how many of the last training images the budget is checked on.
+    for n pairs). ``label``: the class the corrupt input(s) should get, one for every pair or a
+    list with one per pair (default: what the model answers the clean input). ``validation``: how many of the last training images the budget is checked on.
     ``stress``: the amplification of the stressed pairs that a round closing the gap must also
     help (0: off, the paper's loop; :mod:`repair.editing.dynamic`). ``candidates``: how many of
     ``Ĝ``'s top layers a round tries (1: Algorithm 1's argmax); ``min_gain``: the relative
@@ -122,12 +136,7 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     with torch.no_grad():
         clean_pred = model(clean_b).argmax(-1)
         corrupt_pred = model(corrupt_b).argmax(-1)
-    if label is None:
-        labels = clean_pred
-    else:
-        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < n_classes:
-            raise RectifyError(f"label {label!r} is not one of the model's {n_classes} classes (0..{n_classes - 1})")
-        labels = torch.full((len(clean_b),), int(label), device=device)
+    labels = clean_pred if label is None else _labels(label, len(clean_b), n_classes).to(device)
     gap_before = prediction_gap(model, clean_b, corrupt_b)
     if gap_before <= gap:
         raise RectifyError(f"the model already treats the clean and corrupt inputs the same "
@@ -223,10 +232,16 @@ def load_png(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:
         raise RectifyError(f"{path}: {err}") from err
 
 
-def rectify_from_files(bundle, clean: str, corrupt: str, **kwargs) -> dict:
-    """:func:`rectify_images` on two PNG files (what ``repair-proxy rectify`` calls)."""
+def rectify_from_files(bundle, clean: str | list[str], corrupt: str | list[str], **kwargs) -> dict:
+    """:func:`rectify_images` on PNG files, one clean and one corrupt file per pair (what
+    ``repair-proxy rectify`` calls)."""
+    clean, corrupt = ([clean] if isinstance(clean, (str, Path)) else list(clean),
+                      [corrupt] if isinstance(corrupt, (str, Path)) else list(corrupt))
+    if len(clean) != len(corrupt) or not clean:
+        raise RectifyError(f"{len(clean)} clean and {len(corrupt)} corrupt files: give one of each per pair")
     try:
         shape = _input_shape(Bundle(bundle).version().manifest)
     except BundleError as err:
         raise RectifyError(str(err)) from err
-    return rectify_images(bundle, load_png(clean, shape), load_png(corrupt, shape), **kwargs)
+    return rectify_images(bundle, torch.stack([load_png(p, shape) for p in clean]),
+                          torch.stack([load_png(p, shape) for p in corrupt]), **kwargs)

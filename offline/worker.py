@@ -1,7 +1,9 @@
 """The offline worker: runs rectification jobs queued in a bundle, never in a request path.
 
-Jobs live in the bundle (``BUNDLE/jobs/<id>.json`` plus ``<id>.clean.png`` / ``<id>.corrupt.png``),
-every file written to a temp name and renamed, so a reader sees a whole job or none. The server
+Jobs live in the bundle (``BUNDLE/jobs/<id>.json`` plus ``<id>.clean.<i>.png`` /
+``<id>.corrupt.<i>.png`` for pair ``i``; jobs queued before n pairs were accepted have one pair,
+``<id>.clean.png`` / ``<id>.corrupt.png``), every file written to a temp name and renamed and the
+JSON last, so a reader sees a whole job or none. The server
 only submits and reads jobs (:class:`JobStore`); one worker per bundle runs them (an exclusive
 ``flock`` on ``jobs/.worker.lock``, released by the kernel if the worker dies).
 
@@ -59,13 +61,18 @@ class JobStore:
             raise JobNotFound(job_id)
         return self.dir / f"{job_id}{suffix}"
 
-    def submit(self, clean_png: bytes, corrupt_png: bytes, params: dict, parent: str | None) -> dict:
+    def submit(self, clean_pngs: list[bytes], corrupt_pngs: list[bytes], params: dict,
+               parent: str | None) -> dict:
+        """Queue a job of ``len(clean_pngs)`` pairs (PNG bytes, one clean and one corrupt per pair)."""
+        if len(clean_pngs) != len(corrupt_pngs) or not clean_pngs:
+            raise ValueError(f"{len(clean_pngs)} clean and {len(corrupt_pngs)} corrupt images: one of each per pair")
         self.dir.mkdir(parents=True, exist_ok=True)
         job_id = uuid.uuid4().hex
-        _write_atomic(self._path(job_id, ".clean.png"), clean_png)
-        _write_atomic(self._path(job_id, ".corrupt.png"), corrupt_png)
+        for i, (clean, corrupt) in enumerate(zip(clean_pngs, corrupt_pngs)):
+            _write_atomic(self._path(job_id, f".clean.{i}.png"), clean)
+            _write_atomic(self._path(job_id, f".corrupt.{i}.png"), corrupt)
         job = {"id": job_id, "status": "queued", "created": time.time(), "attempts": 0,
-               "params": params, "parent": parent, "version": None}
+               "pairs": len(clean_pngs), "params": params, "parent": parent, "version": None}
         self.save(job)  # last: the worker never sees a job without its images
         return job
 
@@ -83,8 +90,14 @@ class JobStore:
         except (FileNotFoundError, json.JSONDecodeError):
             raise JobNotFound(job_id) from None
 
-    def images(self, job_id: str) -> tuple[bytes, bytes]:
-        return self._path(job_id, ".clean.png").read_bytes(), self._path(job_id, ".corrupt.png").read_bytes()
+    def images(self, job: dict) -> tuple[list[bytes], list[bytes]]:
+        """The job's clean and corrupt PNGs, one of each per pair."""
+        if "pairs" not in job:  # queued before n pairs were accepted
+            suffixes = [""]
+        else:
+            suffixes = [f".{i}" for i in range(job["pairs"])]
+        return ([self._path(job["id"], f".clean{s}.png").read_bytes() for s in suffixes],
+                [self._path(job["id"], f".corrupt{s}.png").read_bytes() for s in suffixes])
 
     def all(self) -> list[dict]:
         if not self.dir.is_dir():
@@ -143,6 +156,8 @@ def _lock(store: JobStore, stop) -> int | None:
 
 def run_job(store: JobStore, job: dict) -> dict:
     """Run one rectification job (CONTRACTS §2) and record its outcome in the job file."""
+    import torch
+
     from offline.rectify import MIN_GAIN, STRESS, VALIDATION_SAMPLES, rectify_images
     from repair.bundle import Bundle
     from repair.images import decode_image
@@ -154,8 +169,9 @@ def run_job(store: JobStore, job: dict) -> dict:
     try:
         pre = Bundle(store.bundle).version().manifest.get("preprocessing", {})
         size = dict(channels=pre.get("channels"), height=pre.get("height"), width=pre.get("width"))
-        clean_png, corrupt_png = store.images(job["id"])
-        clean, corrupt = decode_image(clean_png, **size), decode_image(corrupt_png, **size)
+        clean_pngs, corrupt_pngs = store.images(job)
+        clean = torch.stack([decode_image(png, **size) for png in clean_pngs])
+        corrupt = torch.stack([decode_image(png, **size) for png in corrupt_pngs])
         result = rectify_images(store.bundle, clean, corrupt, label=params.get("label"),
                                 budget=params.get("budget", 0.01), gap=params.get("gap", 0.001),
                                 static=params.get("static", False), layer=params.get("layer"),

@@ -32,28 +32,40 @@ def b64decode(data: str, what: str) -> bytes:
 
 
 def submit(store: JobStore, served, body: RectifyRequest, max_pixels: int) -> dict:
-    """Validate the pair against the served model, then queue the job (no model work here)."""
+    """Validate the pairs against the served model, then queue the job (no model work here)."""
     if served.kind != "vision":
         raise Conflict("rectification needs an image model; this bundle serves a tabular one")
-    if body.label is not None and body.label >= len(served.labels):
-        raise Unprocessable(f"label {body.label} is out of range: the model has "
-                            f"{len(served.labels)} classes (0..{len(served.labels) - 1})")
+    for label in body.label or ():
+        if label >= len(served.labels):
+            raise Unprocessable(f"label {label} is out of range: the model has "
+                                f"{len(served.labels)} classes (0..{len(served.labels) - 1})")
     if body.layer is not None:
         try:
             resolve_layer(served.model, body.layer)
         except LayerError as err:
             raise Unprocessable(str(err)) from None
-    pair = served.preprocess_images([b64decode(body.clean, "clean"),
-                                     b64decode(body.corrupt, "corrupt")], max_pixels)
-    if (pair[0] == pair[1]).all():
-        raise Unprocessable("clean and corrupt images are identical: nothing to rectify")
+    clean, corrupt = (_images(served, getattr(body, side), side, max_pixels) for side in ("clean", "corrupt"))
+    same = (clean == corrupt).flatten(1).all(1).nonzero().flatten().tolist()
+    if same:
+        raise Unprocessable(f"clean and corrupt images are identical (pair {', '.join(map(str, same))}): "
+                            "nothing to rectify")
     params = body.model_dump(exclude={"clean", "corrupt"})
     # Stored as lossless PNGs of exactly what the model would see.
-    return store.submit(encode_png(pair[0]), encode_png(pair[1]), params, parent=served.id)
+    return store.submit([encode_png(x) for x in clean], [encode_png(x) for x in corrupt], params,
+                        parent=served.id)
+
+
+def _images(served, images: list[str], side: str, max_pixels: int):
+    """One side of the pairs, decoded as /predict decodes images; errors name the side and pair."""
+    data = [b64decode(b, f"{side} image {i}") for i, b in enumerate(images)]
+    try:
+        return served.preprocess_images(data, max_pixels)
+    except ValueError as err:
+        raise type(err)(f"{side} {err}") from None
 
 
 def public(job: dict, status_url: str) -> dict:
-    keep = ("id", "status", "created", "started", "finished", "duration_seconds", "attempts",
+    keep = ("id", "status", "created", "started", "finished", "duration_seconds", "attempts", "pairs",
             "params", "parent", "version", "layers", "rounds", "before", "after", "error", "note")
     return {"job_id": job["id"], "status_url": status_url,
             **{k: job[k] for k in keep if k in job and k != "id"}}

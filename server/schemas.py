@@ -2,9 +2,9 @@
 :mod:`server.v2`). Validation failures become 422 ``{"error": ...}`` in :mod:`server.errors`."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from offline.rectify import MAX_STRESS, MIN_GAIN, STRESS, VALIDATION_SAMPLES
 
@@ -51,11 +51,29 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
+# Pairs one /rectify request may carry (the issue's largest n is 20).
+MAX_PAIRS = 64
+
+
+def _listed(value):
+    """One image (or label) stands for a list of one."""
+    return value if value is None or isinstance(value, list) else [value]
+
+
+_Images = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_PAIRS),
+                    BeforeValidator(_listed)]
+
+
 class RectifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    clean: str = Field(min_length=1, description="base64 PNG/JPEG of the clean input")
-    corrupt: str = Field(min_length=1, description="base64 PNG/JPEG of the corrupt input")
-    label: int | None = Field(default=None, ge=0)
+    """One clean/corrupt pair, or n pairs as two lists in the same order. Strict types: JSON
+    ``true`` is not the number 1, nor ``"3"`` the label 3."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    clean: _Images = Field(description="base64 PNG/JPEG of the clean input, or a list (one per pair)")
+    corrupt: _Images = Field(description="base64 PNG/JPEG of the corrupt input, or a list (one per pair)")
+    label: Annotated[list[Annotated[int, Field(ge=0)]] | None, Field(min_length=1), BeforeValidator(_listed)] = Field(
+        default=None, description="the class the corrupt input(s) should get: one for every pair or "
+                                  "one per pair (default: the model's answer to the clean input)")
     budget: float = Field(default=0.01, gt=0, lt=1, description="ε: tolerated accuracy drop")
     gap: float = Field(default=0.001, gt=0, lt=1, description="δ: target gap")
     validation: int = Field(default=VALIDATION_SAMPLES, ge=1, le=1_000_000,
@@ -77,6 +95,16 @@ class RectifyRequest(BaseModel):
         if 0 < value <= 1:
             raise ValueError("stress must be 0 (off) or greater than 1")
         return value
+
+    @model_validator(mode="after")
+    def _one_clean_and_one_corrupt_per_pair(self):
+        n = len(self.clean)
+        if len(self.corrupt) != n:
+            raise ValueError(f"{n} clean and {len(self.corrupt)} corrupt images: send one of each per pair")
+        if self.label is not None and len(self.label) not in (1, n):
+            raise ValueError(f"{len(self.label)} labels for {n} pairs: send one label for all pairs "
+                             "or one per pair")
+        return self
 
 
 class RectifyAccepted(BaseModel):

@@ -178,3 +178,55 @@ def test_cli_rectify_reports_bad_input_without_writing(digits_vit_blend, copy_bu
               "--candidates", "0"])
     assert info.value.code != 0 and "candidates must be" in capsys.readouterr().err
     assert Bundle(dst).version_ids() == before
+
+
+def _png(t, path):
+    from PIL import Image
+
+    Image.fromarray((t[0].numpy() * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
+def test_n_pairs_from_the_cli_and_the_worker(digits_vit_blend, copy_bundle, tmp_path, capsys):
+    """n pairs reach the edit through both entry points: the CLI's repeated --clean/--corrupt and
+    a queued job's per-pair files (and a job queued in the one-pair layout still runs)."""
+    from offline.worker import JobStore, run_job
+    from repair.images import encode_png
+    from repair_proxy_cli import main
+
+    dst = copy_bundle(digits_vit_blend)
+    pairs = [_pair(dst, trial=t) for t in (2, 3)]
+    files = [(_png(c, tmp_path / f"c{i}.png"), _png(k, tmp_path / f"k{i}.png")) for i, (c, k, *_) in enumerate(pairs)]
+    labels = [y for _, _, y, *_ in pairs]
+    args = ["rectify", "--bundle", str(dst), "--static", "--validation", "300"]
+    for c, k in files:
+        args += ["--clean", str(c), "--corrupt", str(k)]
+    before = Bundle(dst).version_ids()
+    for extra, needle in ((["--label", "1"] * 3, "3 labels for 2 pairs"),
+                          (["--clean", str(files[0][0])], "3 clean and 2 corrupt files")):
+        with pytest.raises(SystemExit):
+            main(args + extra)
+        assert needle in capsys.readouterr().err
+    assert Bundle(dst).version_ids() == before
+    main(args + [a for y in labels for a in ("--label", str(y))])
+    version = Bundle(dst).version(json.loads(capsys.readouterr().out)["version"])
+    record = version.manifest["rectification"]
+    assert record["labels"] == labels and len(record["pairs"]) == 2
+    assert record["pairs"][0] != record["pairs"][1] and len(record["before"]["corrupt_pred"]) == 2
+
+    store = JobStore(dst)
+    job = store.submit([encode_png(c) for c, *_ in pairs], [encode_png(k) for _, k, *_ in pairs],
+                       {"label": labels, "static": True, "validation": 300}, parent=version.id)
+    job = run_job(store, job)
+    assert job["status"] == "succeeded", job.get("error")
+    assert Bundle(dst).version(job["version"]).manifest["rectification"]["pairs"] == record["pairs"]
+
+    # the layout of jobs queued before n pairs were accepted: one pair, one label
+    old = {"id": "0" * 32, "status": "queued", "created": 0.0, "attempts": 0,
+           "params": {"label": labels[0], "static": True, "validation": 300}, "parent": None, "version": None}
+    (store.dir / f"{old['id']}.clean.png").write_bytes(encode_png(pairs[0][0]))
+    (store.dir / f"{old['id']}.corrupt.png").write_bytes(encode_png(pairs[0][1]))
+    store.save(old)
+    job = run_job(store, old)
+    assert job["status"] == "succeeded", job.get("error")
+    assert Bundle(dst).version(job["version"]).manifest["rectification"]["pairs"] == record["pairs"][:1]

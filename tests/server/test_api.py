@@ -15,6 +15,7 @@ import torch
 
 from repair.bundle import Bundle
 from repair.editing.dynamic import MIN_GAIN
+from repair.images import decode_image
 from server_live import b64png, live_server
 
 TOKEN = "s3cret-token"
@@ -245,7 +246,8 @@ def test_rectify_submission_is_queued_not_run(server, reference):
                    json={"clean": b64png(x[0]), "corrupt": b64png(corrupt), "label": 3, "layer": "blocks.0.attn.qkv"})
     assert r.status_code == 202, r.text
     job = httpx.get(server.url + r.json()["status_url"], headers=auth).json()
-    assert job["status"] == "queued" and job["params"]["label"] == 3  # no worker in this server
+    assert job["status"] == "queued" and job["params"]["label"] == [3]  # no worker in this server
+    assert job["pairs"] == 1
     assert job["params"]["layer"] == "blocks.0.attn.qkv"
     assert job["params"]["stress"] == 2.0   # the defaults reach the worker
     assert job["params"]["candidates"] == 1 and job["params"]["min_gain"] == MIN_GAIN
@@ -257,10 +259,35 @@ def test_rectify_submission_is_queued_not_run(server, reference):
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "candidates": 0}, "candidates"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "min_gain": 1}, "min_gain"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "layer": "blocks.9.fc"}, "not an editable layer"),
-           ({"clean": b64png(x[0])}, "corrupt")]
+           ({"clean": b64png(x[0])}, "corrupt"),
+           ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "label": True}, "label.0: Input should be a valid integer"),
+           ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "static": 1}, "static: Input should be a valid boolean"),
+           # n pairs: two lists in the same order
+           ({"clean": [b64png(x[0]), b64png(x[1])], "corrupt": [b64png(corrupt)]}, "2 clean and 1 corrupt"),
+           ({"clean": [b64png(x[0]), b64png(x[1])], "corrupt": [b64png(corrupt), b64png(x[1])]},
+            "identical (pair 1)"),
+           ({"clean": [b64png(x[0]), b64png(x[1])], "corrupt": [b64png(corrupt), "!!"]},
+            "corrupt image 1 is not valid base64"),
+           ({"clean": [b64png(x[0]), b64png(x[1])], "corrupt": [b64png(corrupt), b64png(corrupt[:, :8])]},
+            "corrupt image 1: image is 16x8"),
+           ({"clean": [b64png(x[0])] * 2, "corrupt": [b64png(corrupt)] * 2, "label": [1, 2, 3]}, "3 labels for 2 pairs"),
+           ({"clean": [b64png(x[0])] * 2, "corrupt": [b64png(corrupt)] * 2, "label": [1, 10]}, "label 10 is out of range"),
+           ({"clean": [b64png(x[0])] * 65, "corrupt": [b64png(corrupt)] * 65}, "at most 64 items"),
+           ({"clean": [], "corrupt": []}, "at least 1 item")]
     for body, needle in bad:
         r = httpx.post(server.url + "/rectify", headers=auth, json=body)
         assert r.status_code == 422 and needle in r.json()["error"], r.text
+    # two pairs, one label each: stored as what the model sees, in order
+    corrupt2 = x[1].clone()
+    corrupt2[:, -3:, -3:] = 1.0
+    r = httpx.post(server.url + "/rectify", headers=auth, json={
+        "clean": [b64png(x[0]), b64png(x[1])], "corrupt": [b64png(corrupt), b64png(corrupt2)], "label": [3, 4]})
+    assert r.status_code == 202, r.text
+    job = httpx.get(server.url + r.json()["status_url"], headers=auth).json()
+    assert job["pairs"] == 2 and job["params"]["label"] == [3, 4]
+    clean_pngs, corrupt_pngs = server.service.store.images(server.service.store.get(job["job_id"]))
+    for png, sent in zip(clean_pngs + corrupt_pngs, [x[0], x[1], corrupt, corrupt2], strict=True):
+        assert torch.equal(decode_image(png), sent)
     r = httpx.get(server.url + "/rectify/" + "0" * 32, headers=auth)
     assert r.status_code == 404
 

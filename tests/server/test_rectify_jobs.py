@@ -114,7 +114,7 @@ def test_killed_worker_leaves_version_untouched_and_job_is_requeued(bundle, pair
     clean, corrupt, label = pair
     store = JobStore(bundle)
     first = Bundle(bundle).current_id()
-    job = store.submit(encode_png(clean), encode_png(corrupt), {"label": label}, parent=first)
+    job = store.submit([encode_png(clean)], [encode_png(corrupt)], {"label": label}, parent=first)
     worker = subprocess.Popen([sys.executable, "-m", "offline.worker", "--bundle", str(bundle)],
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
