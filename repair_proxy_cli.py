@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="allow /rectify without a token")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("worker", help="run rectification and detector jobs for a bundle")
+    p = sub.add_parser("worker", help="run the rectification jobs queued in a bundle")
     p.add_argument("--bundle", required=True)
     p.set_defaults(func=_worker)
 
