@@ -100,7 +100,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
 
     ``clean``/``corrupt``: ``(C, H, W)`` in [0, 1] at the model's input size (or ``(n, C, H, W)``
     for n pairs). ``label``: the class the corrupt input(s) should get, one for every pair or a
-    list with one per pair (default: what the model answers the clean input). ``validation``: how many of the last training images the budget is checked on.
+    list with one per pair (default: what the model answers the clean input). ``validation``:
+    how many of the last training images the budget is checked on.
     ``stress``: the amplification of the stressed pairs that a round closing the gap must also
     help (0: off, the paper's loop; :mod:`repair.editing.dynamic`). ``candidates``: how many of
     ``Ĝ``'s top layers a round tries (1: Algorithm 1's argmax); ``min_gain``: the relative

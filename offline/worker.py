@@ -2,10 +2,10 @@
 
 Jobs live in the bundle (``BUNDLE/jobs/<id>.json`` plus ``<id>.clean.<i>.png`` /
 ``<id>.corrupt.<i>.png`` for pair ``i``; jobs queued before n pairs were accepted have one pair,
-``<id>.clean.png`` / ``<id>.corrupt.png``), every file written to a temp name and renamed and the
-JSON last, so a reader sees a whole job or none. The server
-only submits and reads jobs (:class:`JobStore`); one worker per bundle runs them (an exclusive
-``flock`` on ``jobs/.worker.lock``, released by the kernel if the worker dies).
+``<id>.clean.png`` / ``<id>.corrupt.png``), every file written to a temp name and renamed, the
+JSON last, so a reader sees a whole job or none. The server only submits and reads jobs
+(:class:`JobStore`); one worker per bundle runs them (an exclusive ``flock`` on
+``jobs/.worker.lock``, released by the kernel if the worker dies).
 
 A job's new version is written and activated by :func:`offline.rectify.rectify_images` in one
 atomic step at its end, so a worker killed mid-job leaves the served version untouched; the next
@@ -92,10 +92,8 @@ class JobStore:
 
     def images(self, job: dict) -> tuple[list[bytes], list[bytes]]:
         """The job's clean and corrupt PNGs, one of each per pair."""
-        if "pairs" not in job:  # queued before n pairs were accepted
-            suffixes = [""]
-        else:
-            suffixes = [f".{i}" for i in range(job["pairs"])]
+        # no "pairs": queued before n pairs were accepted, one pair without an index
+        suffixes = [f".{i}" for i in range(job["pairs"])] if "pairs" in job else [""]
         return ([self._path(job["id"], f".clean{s}.png").read_bytes() for s in suffixes],
                 [self._path(job["id"], f".corrupt{s}.png").read_bytes() for s in suffixes])
 
