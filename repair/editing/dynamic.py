@@ -6,87 +6,45 @@ edit it with ``T`` optimisation steps (Eq. 1), re-evaluate ``ε*`` and ``δ*``; 
 ``ε* ≤ ε``, otherwise roll it back and stop. *Static* rectifying edits one fixed layer, the last
 editable one (the usual choice of prior work), once, under the same budget.
 
-Four additions to Algorithm 1, and a fifth that is opt-in:
+``δ*`` is the total-variation distance between the predictive distributions,
+``½‖softmax f(x) − softmax f(x̃)‖₁`` averaged over the pairs: 0 when the model treats the pair
+the same, 1 when it classifies them apart with confidence; it covers a flipped label (Trojans)
+and a changed confidence (spurious correlation, leakage). ``T`` (``epochs``) bounds a round's
+optimisation steps; the Adam loop stops once the objective has converged (``tol``).
 
-- **Stressed pairs.** One pair's gap says nothing about other inputs: on the Fashion-MNIST
-  ResNet-18 (Blend φ = 0.5) an edit of ``layer3.0.conv2``, Ĝ's first choice, closes the pair's
-  gap and the loop stops (line 2) with the backdoor still working on 35-82 % of triggered test
-  images; the stem, whose edit removes it, ranked 2nd-4th. So the pair's corruption is also
-  amplified, ``x + s·(x̃ − x)`` with ``s`` = ``stress`` = 2 (:func:`stressed_pairs`; a Blend
-  trigger at visibility 2φ), never edited on, only measured: a round that brings the pair's gap
-  to ``δ`` (where line 2 would end the loop) must also lower the stressed gap by ``min_gain``
-  (or to ``δ``), else it is rolled back like a round without gain (below), and the loop runs
-  until both gaps are at ``δ``. An edit that merely remaps the pair's keys does not hold at
-  twice the corruption; one that removes the trigger's feature does. Single edits from one pair
-  (scratch, 3 pairs, the six layers Ĝ ranks first): the stressed gap after the stem's edit
-  0.83 / 0.003 / 0.0001 (ASR 0.2 / 0.06 / 0.8 %), after each other edit that closed the pair's
-  gap 0.9988-1.0 (ASR 58-84 %). Rounds that leave the pair's gap above
-  ``δ`` are judged on it alone: with 20 pairs the stressed gap moves little per round, and
-  requiring it of every round left the Fashion-MNIST ResNet-18 with nothing kept (ASR 100 %
-  instead of 7 %). ``patience`` is 4 so the loop can walk down to the 4th-ranked layer.
-  ``stress=None`` is the paper's loop; ``bench/rectify.py`` runs both (``dynamic-paper``).
-- A layer located again (line 3) gets a *new* rank-one direction: the top singular direction of
-  its whitened keys after the directions of the edits already kept there are projected out
-  (:func:`repair.editing.rank_one.edit_direction`). Re-editing with the same ``d`` is otherwise a
-  fixed point (same keys, hence same ``d``, and ``Λ`` already optimal). Each round stays the
-  rank-one update of Eq. 1; successive rounds at one layer add ``C``-orthogonal directions, so
-  several pairs are served by several directions instead of one compromise. Measured on the
-  digits ViT with n = 20 pairs (Blend): without it the loop alternated ``blocks.0.attn.qkv`` /
-  ``attn.proj`` with ``δ*`` stuck near 0.014 and ASR 1.54 %; with it (and ``T`` up to 1000,
-  below) three kept ``attn.qkv`` rounds took ``δ*`` to 0.007 and ASR to 0.6 %
-  (``bench/results/rectify_digits_vit.md``).
-- A round that does not lower ``δ*`` by at least ``min_gain`` (relative) is rolled back too, and
-  its layer is set aside for the next rounds, which take the next layer in the ``Ĝ`` ranking;
-  after ``patience`` such rounds in a row the loop ends. With that stopping rule Algorithm 1
-  needs no round limit; ``max_rounds`` (50) is only a safety cap. With 20 pairs the rounds at
-  deep layers lower ``δ*`` by 3-10 % each, so a cap of 10 rounds and ``min_gain`` 0.1 ended
-  the loop early: on the Fashion-MNIST ResNet-18 ASR 7.0 % after 10 rounds, 1.5 % when only
-  patience ended it (20 rounds), 1.17 % at ``min_gain`` 0.03 (33 rounds, 15 kept, −0.06 pt;
-  ``bench/results/rectify.md``). The digits ViT n = 20 stays at 2.5-2.8 % either way, n = 1
-  runs are unchanged (ResNet-18 2.1 %, digits ViT 0.68 %).
-- A round that breaks the budget is not given up at once: it is rolled back and run again at
-  the same layer with ``anchors`` (a few clean training inputs) held in place, Eq. 1 plus
-  ``preserve`` times their mean squared change (:func:`repair.editing.rank_one.rank_one_edit`);
-  if that breaks it too, once more with ``10 × preserve`` (the stem's edits above cost 1.2-3.3 pt
-  on the validation images at ``preserve`` = 1, 0.1-0.3 pt at 10), and only if that breaks the
-  budget too does the loop stop (line 9). Rounds within the budget are untouched. Why: on the Fashion-MNIST ViT (Blend) every single-pair edit removed the backdoor
-  but cost 2-20 pt, at every one of the top six layers, so every n = 1 run ended in its first
-  round with ASR 100 %. With the retry (64 clean training inputs, ``preserve`` = 1): n = 1 ASR
-  100 → 5.8 % at −1.2 pt test accuracy (the budget is checked on 500 validation images),
-  n = 20 19 → 8.9 % at −1.65 pt (before: −1.1 pt) (``bench/results/rectify_*_vit.md``). The
-  digits backdoor runs' dynamic rounds stay within the budget and are unchanged; on digits
-  leakage the dynamic rounds still break it, and the static n = 20 edit it now keeps raised
-  leakage 0.149 → 0.158 (``bench/results/rectify_defects.md``).
+Four additions to Algorithm 1, and a fifth that is opt-in. Each was measured on the zoo; the
+numbers and the runs behind them are in ``bench/results/rectify.md`` ("The dynamic loop's
+additions").
 
-- Opt-in, ``candidates`` > 1 (``rectify --candidates``): a round edits the top ``candidates``
-  fresh layers of ``Ĝ`` in turn, each from the same model, and keeps, among those within the
-  budget that lowered ``δ*`` by ``min_gain``, the one that leaves the stressed gap lowest (the
-  pair's gap breaks ties; without stressed pairs, the lowest gap). Why: with 20 pairs no round
-  closes the pairs' gap, so the stressed pairs never judge a round, and the gap alone favours
-  edits that remap the 20 pairs' keys. On the digits ViT (Intel Xeon, OA 0.9389, 3 sets of 20
-  pairs) every kept round of the default loop was at ``blocks.0.attn`` / ``mlp`` and ASR stayed
-  at 1.5 % (floor 0.31 %) whatever ``min_gain`` (0.03 / 0.1: 1.54 / 1.44 %) or Adam ``tol``
-  (1e-3: 1.54 %). A single edit of ``patch_embed.proj`` (Ĝ's third) from the same 20 pairs left
-  their gap at 0.13-0.15 but ASR at 0.3-1.5 % and the stressed gap at 0.76-0.80, against gap
-  0.02, stressed gap 0.94 and ASR 1.5-2.5 % after ``blocks.0.attn.qkv`` (Ĝ's first). With
-  ``candidates`` 3 and ``min_gain`` 0.1 the first round picks ``patch_embed.proj``: n = 20 ASR
-  0.93 % at −0.09 pt (1.23 / 0.62 / 0.93 %), n = 1 0.25 % at −0.33 pt
-  (``bench/results/rectify_digits_vit_candidates3.md``); with ``min_gain`` 0.03 ASR 0.21 % but
-  −1.1 pt (17-24 kept rounds: the budget's validation images are training images, which the
-  model fits at 98 %, so small test losses add up unseen). Not the default: on the Fashion-MNIST
-  ResNet-18 n = 20 the lowest stressed gaps are deep convolutions' too, and ASR went 2.17 % →
-  2.92 % (``min_gain`` 0.1) / 1.87 % (0.03, at the round cap); and a round costs up to
-  ``candidates`` edits (digits n = 1: 16-28 s instead of 1-9 s on one thread, the target is
-  30 s) (``bench/results/rectify.md``, session 18).
-
-``T`` (``epochs``) is an upper bound on the optimisation steps of a round: the Adam loop stops
-early once the objective has converged (:func:`repair.editing.rank_one.rank_one_edit`,
-``tol``), so one pair takes a few hundred steps and 20 pairs up to ``T`` = 1000.
-
-The gap ``δ*`` is the total-variation distance between the predictive distributions,
-``½‖softmax f(x) − softmax f(x̃)‖₁`` averaged over the pairs: it is 0 when the model treats
-the pair the same, 1 when they are confidently classified apart, and it covers both a flipped
-label (Trojans) and a changed confidence (spurious correlation, leakage).
+- **Stressed pairs** (``stress``, default 2; ``None`` is the paper's loop): each corrupt input
+  with its corruption amplified, ``x + s·(x̃ − x)`` (:func:`stressed_pairs`), never edited on,
+  only measured. A round that brings the pair's gap to ``δ`` must also lower the stressed gap by
+  ``min_gain`` (or to ``δ``), and the loop runs until both gaps are at ``δ``. Why: one pair's gap
+  says nothing about other inputs; an edit that merely remaps the pair's keys does not hold at
+  twice the corruption, one that removes the trigger's feature does (Fashion-MNIST ResNet-18:
+  Ĝ's first layer closed the pair's gap with the backdoor still working on 35-82 % of test
+  images; the stem, ranked 2nd-4th, removes it). Rounds that leave the pair's gap above ``δ``
+  are judged on that gap alone.
+- **A new direction when a layer is located again**: the top singular direction of its whitened
+  keys after the directions of the edits already kept there are projected out
+  (:func:`repair.editing.rank_one.edit_direction`). Re-editing with the same ``d`` is a fixed
+  point; successive rank-one rounds at one layer add ``C``-orthogonal directions, so several
+  pairs are served by several directions instead of one compromise.
+- **A round must gain**: one that does not lower ``δ*`` by ``min_gain`` (relative) is rolled
+  back and its layer set aside, so the next round takes the next layer in ``Ĝ``'s ranking;
+  after ``patience`` such rounds in a row the loop ends. Algorithm 1 then needs no round limit;
+  ``max_rounds`` is a safety cap.
+- **A round that breaks the budget is retried** at the same layer with ``anchors`` (a few clean
+  training inputs) held in place, Eq. 1 plus ``preserve`` times their mean squared change, then
+  once more at ``10 × preserve``; only if that breaks it too does the loop stop (line 9). Rounds
+  within the budget are untouched. Why: on the Fashion-MNIST ViT every single-pair edit removed
+  the backdoor but cost 2-20 pt, so every n = 1 run ended in its first round.
+- Opt-in, ``candidates`` > 1: a round edits the top ``candidates`` fresh layers of ``Ĝ`` in turn,
+  each from the same model, and keeps, among those within the budget that gained, the one that
+  leaves the stressed gap lowest (the pair's gap breaks ties). Why: with 20 pairs no round closes
+  the pairs' gap, so the stressed pairs never judge a round and the gap alone favours edits that
+  remap the pairs' keys (digits ViT n = 20: 1.54 % → 0.93 %). Not the default: it does not help
+  the Fashion-MNIST ResNet-18, and a round costs up to ``candidates`` edits.
 """
 from __future__ import annotations
 
