@@ -99,6 +99,8 @@ def main():
         name += f"_val{a.validation}"
     if a.candidates != 1:
         name += f"_candidates{a.candidates}"
+    if a.n:  # a pair-count sweep, beside the default (1, 20) run
+        name += "_n" + "-".join(map(str, counts))
     md = [f"# Rectification, {a.dataset} {a.arch}, Blend φ=0.5 (target 0)", "",
           f"Command: `{command}` ({a.threads} CPU thread(s)). Zoo model trained on "
           f"{setup.version.manifest['dataset'].get('train_rows', 'all')} training images "
@@ -124,8 +126,43 @@ def main():
     md += ["", "Per run (layers edited by the dynamic loop, seconds):", ""]
     md += [f"- {r['method']} n={r['n']} trial {r['trial']}: OA {r['oa']:.4f}, ASR {r['asr']:.4f}, "
            f"{r.get('layers', r.get('layer'))}, {r['seconds']} s" for r in rows]
+    if len(counts) >= 3:
+        plot_pairs(summary, counts, Path(__file__).parent / "results" / f"{name}.png",
+                   f"{a.dataset} {a.arch}, Blend φ=0.5: {a.trials} pair set(s) at n = 1, "
+                   f"{a.large_trials} at larger n")
+        md += ["", f"Plot: `{name}.png` (mean ASR and OA drop against n, per method)."]
     write_results(name, {"command": command, "base": setup.base, "summary": summary, "runs": rows},
                   "\n".join(md) + "\n")
+
+
+def plot_pairs(summary: dict, counts: list[int], path: Path, title: str) -> None:
+    """Mean ASR and OA drop against the number of pairs, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (asr_ax, drop_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in METHODS:
+        asr = [100 * summary[f"{method} n={n}"]["asr"] for n in counts]
+        drop = [100 * summary[f"{method} n={n}"]["oa_drop"] for n in counts]
+        asr_ax.plot(counts, asr, marker="o", label=method)
+        drop_ax.plot(counts, drop, marker="o", label=method)
+    for ax, label in ((asr_ax, "ASR (%)"), (drop_ax, "OA drop (pt)")):
+        ax.set_xscale("log")
+        ax.set_xticks(counts, [str(n) for n in counts])
+        ax.set_xlabel("clean/corrupt pairs n")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    asr_ax.set_yscale("symlog", linthresh=1)
+    asr_ax.set_ylim(bottom=0)
+    asr_ax.axhline(1, color="grey", ls="--", lw=0.8)   # the issue's n = 20 target
+    asr_ax.axhline(5, color="grey", ls=":", lw=0.8)    # the issue's n = 1 target
+    drop_ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
