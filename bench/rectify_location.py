@@ -5,9 +5,9 @@ A zoo ViT is poisoned with one BadNets patch (3x3 checkerboard, opaque) at five 
 shares; target class 0). Then, per trial, one training image and the same image with the patch
 at bottom-right (n = 1; ``--n 20``: twenty such pairs) rectify it: dynamic (Algorithm 1),
 static (last layer) and fine-tuning the last layer (§11), all with budget ε on the validation
-split (the dynamic loop with the clean anchors `repair-proxy rectify` holds in a retried round). Reported on the test split:
-overall accuracy (OA) and the attack success rate with the patch at each location (Γ_BR, Γ_TL,
-Γ_TR, Γ_C, Γ_BL), before and after each method, per trial and the mean.
+split (the dynamic loop with the clean anchors `repair-proxy rectify` holds in a retried round).
+Reported on the test split: overall accuracy (OA) and the attack success rate with the patch at
+each location (Γ_BR, Γ_TL, Γ_TR, Γ_C, Γ_BL), before and after each method, per trial and the mean.
 
     .venv/bin/python bench/rectify_location.py --threads 1
 """
@@ -145,9 +145,9 @@ def main():
         label = f"label {r['labels'][0]}" if len(r["labels"]) == 1 else f"{len(r['labels'])} pairs"
         md.append(f"- {r['method']} trial {r['trial']} ({label}, pair gap before "
                   f"{r['pair_gap_before']:.3f}): {what}; {r['seconds']} s")
-    write_results("rectify_location" + ("" if a.n == 1 else f"_n{a.n}"), {"command": command, "bundle": str(bundle),
-                                       "manifest_metrics": m["metrics"], "base": base,
-                                       "summary": summary, "runs": rows},
+    write_results("rectify_location" + ("" if a.n == 1 else f"_n{a.n}"),
+                  {"command": command, "bundle": str(bundle), "manifest_metrics": m["metrics"],
+                   "base": base, "summary": summary, "runs": rows},
                   "\n".join(md) + "\n")
 
 

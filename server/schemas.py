@@ -62,6 +62,7 @@ def _listed(value):
 
 _Images = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_PAIRS),
                     BeforeValidator(_listed)]
+_Labels = Annotated[list[Annotated[int, Field(ge=0)]] | None, Field(min_length=1), BeforeValidator(_listed)]
 
 
 class RectifyRequest(BaseModel):
@@ -71,9 +72,9 @@ class RectifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     clean: _Images = Field(description="base64 PNG/JPEG of the clean input, or a list (one per pair)")
     corrupt: _Images = Field(description="base64 PNG/JPEG of the corrupt input, or a list (one per pair)")
-    label: Annotated[list[Annotated[int, Field(ge=0)]] | None, Field(min_length=1), BeforeValidator(_listed)] = Field(
-        default=None, description="the class the corrupt input(s) should get: one for every pair or "
-                                  "one per pair (default: the model's answer to the clean input)")
+    label: _Labels = Field(default=None, description="the class the corrupt input(s) should get: one for "
+                                                     "every pair or one per pair (default: the model's "
+                                                     "answer to the clean input)")
     budget: float = Field(default=0.01, gt=0, lt=1, description="ε: tolerated accuracy drop")
     gap: float = Field(default=0.001, gt=0, lt=1, description="δ: target gap")
     validation: int = Field(default=VALIDATION_SAMPLES, ge=1, le=1_000_000,

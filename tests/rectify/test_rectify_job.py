@@ -31,6 +31,14 @@ def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _png(t, path):
+    """A grey ``(1, H, W)`` image in [0, 1] as an 8-bit PNG file at ``path``."""
+    from PIL import Image
+
+    Image.fromarray((t[0].numpy() * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def rectified(digits_vit_blend, tmp_path_factory):
     """One dynamic n=1 rectification of a copy of the shared digits ViT Blend bundle."""
@@ -132,10 +140,7 @@ def test_from_files_static_mode_edits_the_last_layer(digits_vit_blend, copy_bund
 
     dst = copy_bundle(digits_vit_blend)
     clean, corrupt, label, _, data = _pair(dst, trial=1)
-    paths = {}
-    for name, t in (("clean", clean), ("corrupt", corrupt)):
-        paths[name] = tmp_path / f"{name}.png"
-        Image.fromarray((t[0].numpy() * 255).round().astype(np.uint8)).save(paths[name])
+    paths = {name: _png(t, tmp_path / f"{name}.png") for name, t in (("clean", clean), ("corrupt", corrupt))}
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((20, 20), dtype=np.uint8)).save(big)
     with pytest.raises(RectifyError, match="big.png: image is 20x20 .* this model takes 16x16"):
@@ -160,14 +165,11 @@ def test_from_files_static_mode_edits_the_last_layer(digits_vit_blend, copy_bund
 
 
 def test_cli_rectify_reports_bad_input_without_writing(digits_vit_blend, copy_bundle, tmp_path, capsys):
-    from PIL import Image
-
     from repair_proxy_cli import main
 
     dst = copy_bundle(digits_vit_blend)
     clean, *_ = _pair(dst)
-    png = tmp_path / "same.png"
-    Image.fromarray((clean[0].numpy() * 255).round().astype(np.uint8)).save(png)
+    png = _png(clean, tmp_path / "same.png")
     before = Bundle(dst).version_ids()
     with pytest.raises(SystemExit) as info:
         main(["rectify", "--bundle", str(dst), "--clean", str(png), "--corrupt", str(png)])
@@ -178,13 +180,6 @@ def test_cli_rectify_reports_bad_input_without_writing(digits_vit_blend, copy_bu
               "--candidates", "0"])
     assert info.value.code != 0 and "candidates must be" in capsys.readouterr().err
     assert Bundle(dst).version_ids() == before
-
-
-def _png(t, path):
-    from PIL import Image
-
-    Image.fromarray((t[0].numpy() * 255).round().astype(np.uint8)).save(path)
-    return path
 
 
 def test_n_pairs_from_the_cli_and_the_worker(digits_vit_blend, copy_bundle, tmp_path, capsys):
