@@ -18,6 +18,7 @@ benchmark (``bench/rectify_localization.py``) compares the two against editing e
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,11 @@ def locate(model: nn.Module, layers: list[EditableLayer], stats: dict[str, Layer
 
 def _integrated_gradients(model, modules, clean, corrupt, labels, n_steps):
     """One Captum LayerIntegratedGradients pass over ``modules`` (Eq. 20, riemann_right, n steps)."""
-    lig = LayerIntegratedGradients(model, list(modules))
+    with warnings.catch_warnings():
+        # Captum warns about layers that feed one another; in the joint pass that is the design
+        # (a layer behind another gets a zero map: module docstring)
+        warnings.filterwarnings("ignore", message="Multiple layers provided")
+        lig = LayerIntegratedGradients(model, list(modules))
     maps, delta = lig.attribute(clean, baselines=corrupt, target=labels, n_steps=n_steps,
                                 method="riemann_right", return_convergence_delta=True,
                                 grad_kwargs={"allow_unused": True, "materialize_grads": True})
