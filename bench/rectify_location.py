@@ -1,6 +1,7 @@
-"""Trigger-location generalisation (issue 4, paper Table 3) on the digits ViT.
+"""Trigger-location generalisation (issue 4, paper Table 3) on the digits ViT (``--arch resnet18``:
+ResNet-18).
 
-A zoo ViT is poisoned with one BadNets patch (3x3 checkerboard, opaque) at five locations,
+A zoo model is poisoned with one BadNets patch (3x3 checkerboard, opaque) at five locations,
 ``--location br+tl+tr+center+bl`` (each poisoned image carries it at one of them, equal
 shares; target class 0). Then, per trial, one training image and the same image with the patch
 at bottom-right (n = 1; ``--n 20``: twenty such pairs) rectify it: dynamic (Algorithm 1),
@@ -69,17 +70,18 @@ def main():
     ap.add_argument("--cache", default="/tmp/rect-bench")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--n", type=int, default=1, help="BR pairs per rectification")
+    ap.add_argument("--arch", choices=("vit", "resnet18"), default="vit")
     ap.add_argument("--budget", type=float, default=0.01)
     ap.add_argument("--poison-rate", type=float, default=0.1)
     ap.add_argument("--zoo-epochs", type=int, help="epochs of the zoo model (default: the zoo's)")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    bundle = Path(a.zoo) if a.zoo else Path(a.cache) / f"digits-vit-badnets-5loc-{a.poison_rate}"
+    bundle = Path(a.zoo) if a.zoo else Path(a.cache) / f"digits-{a.arch}-badnets-5loc-{a.poison_rate}"
     if not (bundle / "CURRENT").exists():
         if a.zoo:
             raise SystemExit(f"{bundle}: no bundle there")
-        train_bundle(bundle, dataset="digits", arch="vit", defect="badnets", target_class=0,
+        train_bundle(bundle, dataset="digits", arch=a.arch, defect="badnets", target_class=0,
                      poison_rate=a.poison_rate, location="+".join(LOCATIONS), epochs=a.zoo_epochs,
                      seed=0, progress=False)
     setup = Setup(bundle)
@@ -106,7 +108,8 @@ def main():
         return (f"| {name} | {r['oa']:.4f} | {drop} | "
                 + " | ".join(f"{100 * r[f'asr_{loc}']:.1f} %" for loc in LOCATIONS) + " |")
 
-    md = ["# Trigger-location generalisation (Table 3), digits ViT, BadNets at five locations", "",
+    arch_name = {"vit": "ViT", "resnet18": "ResNet-18"}[a.arch]
+    md = [f"# Trigger-location generalisation (Table 3), digits {arch_name}, BadNets at five locations", "",
           f"Command: `{command}` ({a.threads} CPU thread(s), under `nice`).", "",
           f"| method (n = {a.n}, BR {'pair' if a.n == 1 else 'pairs'}) | OA | OA drop (pt) | " + cols + " |",
           "| --- | --- | --- | " + " | ".join("---" for _ in LOCATIONS) + " |",
@@ -145,7 +148,7 @@ def main():
         label = f"label {r['labels'][0]}" if len(r["labels"]) == 1 else f"{len(r['labels'])} pairs"
         md.append(f"- {r['method']} trial {r['trial']} ({label}, pair gap before "
                   f"{r['pair_gap_before']:.3f}): {what}; {r['seconds']} s")
-    write_results("rectify_location" + ("" if a.n == 1 else f"_n{a.n}"),
+    write_results("rectify_location" + ("" if a.arch == "vit" else f"_{a.arch}") + ("" if a.n == 1 else f"_n{a.n}"),
                   {"command": command, "bundle": str(bundle), "manifest_metrics": m["metrics"],
                    "base": base, "summary": summary, "runs": rows},
                   "\n".join(md) + "\n")
