@@ -68,12 +68,19 @@ class JobStore:
             raise ValueError(f"{len(clean_pngs)} clean and {len(corrupt_pngs)} corrupt images: one of each per pair")
         self.dir.mkdir(parents=True, exist_ok=True)
         job_id = uuid.uuid4().hex
-        for i, (clean, corrupt) in enumerate(zip(clean_pngs, corrupt_pngs)):
-            _write_atomic(self._path(job_id, f".clean.{i}.png"), clean)
-            _write_atomic(self._path(job_id, f".corrupt.{i}.png"), corrupt)
+        images = [(self._path(job_id, f".{side}.{i}.png"), png)
+                  for i, pair in enumerate(zip(clean_pngs, corrupt_pngs))
+                  for side, png in zip(("clean", "corrupt"), pair)]
         job = {"id": job_id, "status": "queued", "created": time.time(), "attempts": 0,
                "pairs": len(clean_pngs), "params": params, "parent": parent, "version": None}
-        self.save(job)  # last: the worker never sees a job without its images
+        try:
+            for path, png in images:
+                _write_atomic(path, png)
+            self.save(job)  # last: the worker never sees a job without its images
+        except BaseException:  # e.g. a full disk: leave no images without a job
+            for path, _ in images:
+                path.unlink(missing_ok=True)
+            raise
         return job
 
     def save(self, job: dict) -> None:

@@ -225,3 +225,25 @@ def test_n_pairs_from_the_cli_and_the_worker(digits_vit_blend, copy_bundle, tmp_
     job = run_job(store, old)
     assert job["status"] == "succeeded", job.get("error")
     assert Bundle(dst).version(job["version"]).manifest["rectification"]["pairs"] == record["pairs"][:1]
+
+
+def test_a_job_that_cannot_be_written_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A write failing midway (a full disk) leaves neither a job nor images the worker could find."""
+    import offline.worker as worker
+
+    store = worker.JobStore(tmp_path)
+    writes, real = [], worker._write_atomic
+
+    def fail_on_third(path, data):
+        writes.append(path)
+        if len(writes) == 3:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(worker, "_write_atomic", fail_on_third)
+    with pytest.raises(OSError, match="No space"):
+        store.submit([b"c0", b"c1"], [b"k0", b"k1"], {}, parent=None)
+    assert len(writes) == 3 and list(store.dir.iterdir()) == [] and store.all() == []
+    monkeypatch.setattr(worker, "_write_atomic", real)
+    job = store.submit([b"c0", b"c1"], [b"k0", b"k1"], {}, parent=None)
+    assert store.images(job) == ([b"c0", b"c1"], [b"k0", b"k1"]) and store.all() == [job]
