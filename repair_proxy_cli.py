@@ -63,8 +63,7 @@ def _rectify(a):
 
     validation = VALIDATION_SAMPLES if a.validation is None else a.validation
     stress = STRESS if a.stress is None else a.stress
-    label = a.label[0] if a.label and len(a.label) == 1 else a.label
-    result = rectify_from_files(a.bundle, clean=a.clean, corrupt=a.corrupt, label=label,
+    result = rectify_from_files(a.bundle, clean=a.clean, corrupt=a.corrupt, label=a.label,
                                 budget=a.budget, gap=a.gap, static=a.static, layer=a.layer,
                                 validation=validation, stress=stress, candidates=a.candidates,
                                 min_gain=MIN_GAIN if a.min_gain is None else a.min_gain)

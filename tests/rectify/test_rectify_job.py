@@ -125,6 +125,7 @@ def test_bad_input_is_refused_before_writing(digits_vit_blend, copy_bundle):
     assert "treats" in _bad(dst, clean=clean, corrupt=clean.clone())
     assert "label 10" in _bad(dst, clean=clean, corrupt=corrupt, label=10)
     assert "label -1" in _bad(dst, clean=clean, corrupt=corrupt, label=-1)
+    assert "2 labels for 1 pairs" in _bad(dst, clean=clean, corrupt=corrupt, label=[1, 2])
     assert "not an editable layer" in _bad(dst, clean=clean, corrupt=corrupt, layer="blocks.0.norm1")
     # the budget's validation split must leave the anchor images out (digits: 1437 training images)
     assert "validation must be" in _bad(dst, clean=clean, corrupt=corrupt, validation=0)
