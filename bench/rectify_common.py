@@ -17,6 +17,7 @@ from repair.metrics import accuracy, attack_success_rate, predict
 
 # dynamic: Algorithm 1 with the stressed pairs (the default); dynamic-paper: without them
 PAPER_LOOP = ("dynamic-paper", "static")  # as the paper runs them: no stressed pairs
+ARCH_NAMES = {"vit": "ViT", "resnet18": "ResNet-18"}  # how the result files name the architectures
 METHODS = ("dynamic", "dynamic-paper", "static", "finetune")
 
 

@@ -45,7 +45,7 @@ from offline.defects import Trigger, block_images, block_positions  # noqa: E402
 from offline.finetune_baseline import finetune_last_layer  # noqa: E402
 from offline.rectify import ANCHOR_SAMPLES, VALIDATION_SAMPLES, training_images  # noqa: E402
 from offline.zoo import bundle_test_data, train_bundle  # noqa: E402
-from rectify_common import write_results  # noqa: E402
+from rectify_common import ARCH_NAMES, write_results  # noqa: E402
 from repair.bundle import Bundle  # noqa: E402
 from repair.editing.dynamic import prediction_gap, rectify  # noqa: E402
 from repair.editing.keystats import compute_keystats  # noqa: E402
@@ -190,7 +190,7 @@ def main():
     if "leakage" not in a.skip:
         leakage(rows, a.dataset, a.arch, a.validation, **zoo)
     command = " ".join(["python", "bench/rectify_defects.py", *sys.argv[1:]])
-    arch_name = {"vit": "ViT", "resnet18": "ResNet-18"}[a.arch]
+    arch_name = ARCH_NAMES[a.arch]
     md = [f"# Spurious correlation and feature leakage, {a.dataset} {arch_name}", "", f"Command: `{command}` "
           f"({a.threads} CPU thread(s)). Budget ε = 0.5 pt on the validation split (the last "
           f"{a.validation} training images) for every method."]

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offline.defects import relocate  # noqa: E402
 from offline.finetune_baseline import finetune_last_layer  # noqa: E402
 from offline.zoo import train_bundle  # noqa: E402
-from rectify_common import METHODS, PAPER_LOOP, Setup, write_results  # noqa: E402
+from rectify_common import ARCH_NAMES, METHODS, PAPER_LOOP, Setup, write_results  # noqa: E402
 from repair.editing.dynamic import STRESS, prediction_gap, rectify  # noqa: E402
 from repair.metrics import accuracy, attack_success_rate  # noqa: E402
 
@@ -108,7 +108,7 @@ def main():
         return (f"| {name} | {r['oa']:.4f} | {drop} | "
                 + " | ".join(f"{100 * r[f'asr_{loc}']:.1f} %" for loc in LOCATIONS) + " |")
 
-    arch_name = {"vit": "ViT", "resnet18": "ResNet-18"}[a.arch]
+    arch_name = ARCH_NAMES[a.arch]
     md = [f"# Trigger-location generalisation (Table 3), digits {arch_name}, BadNets at five locations", "",
           f"Command: `{command}` ({a.threads} CPU thread(s), under `nice`).", "",
           f"| method (n = {a.n}, BR {'pair' if a.n == 1 else 'pairs'}) | OA | OA drop (pt) | " + cols + " |",
