@@ -12,7 +12,7 @@ from offline.rectify import ANCHOR_SAMPLES, VALIDATION_SAMPLES
 from repair.bundle import Bundle
 from repair.editing.keystats import compute_keystats, stats_from_tensors
 from repair.editing.layers import editable_layers
-from repair.metrics import accuracy, attack_success_rate, predict
+from repair.metrics import accuracy, attack_success_rate, predict, worst_class_asr
 
 
 # dynamic: Algorithm 1 with the stressed pairs (the default); dynamic-paper: without them
@@ -74,9 +74,13 @@ class Setup:
     def evaluate(self, visibilities=()) -> dict:
         x, y = self.data.x_test, self.data.y_test
         triggered = self.trigger.apply(x)
+        asr_worst, worst_class = worst_class_asr(self.model, triggered, y)
         out = {"oa": accuracy(self.model, x, y),
                "asr": attack_success_rate(self.model, triggered, y, self.target),
-               "asr_flip": trigger_flip_rate(self.model, x, triggered, y, self.target)}
+               "asr_flip": trigger_flip_rate(self.model, x, triggered, y, self.target),
+               # a repair restores the labels; an edit that sends the trigger elsewhere does not
+               "oa_triggered": accuracy(self.model, triggered, y),
+               "asr_worst": asr_worst, "worst_class": worst_class}
         for phi in visibilities:
             t = blend_trigger(self.trigger.pattern.shape, visibility=phi, pattern=self.trigger.pattern)
             out[f"asr@{phi}"] = attack_success_rate(self.model, t.apply(x), y, self.target)

@@ -22,7 +22,7 @@ from repair.atpatch.detector import layer_logit_thresholds, map_logits, probabil
 from repair.atpatch.runtime import AtPatch, PatchedModel, TargetClassGate
 from repair.attention import attention_maps
 from repair.bundle import Bundle
-from repair.metrics import accuracy, attack_success_rate, predict, unfairness
+from repair.metrics import accuracy, attack_success_rate, predict, unfairness, worst_class_asr
 
 
 class EvaluateError(ValueError):
@@ -233,6 +233,11 @@ def _vision(result, v, model, atp, net, data, defect, target_class, visibility, 
     target = int(v.manifest.get("defect", {}).get("target_class", target_class))
     x_bad = trig.apply(data.x_test)
     result["asr"] = round(attack_success_rate(net, x_bad, data.y_test, target), 4)
+    # A repair gives the triggered images their labels back; one that only moves the trigger's
+    # answer to another class keeps ASR low and the backdoor (repair.metrics).
+    result["triggered_accuracy"] = round(accuracy(net, x_bad, data.y_test), 4)
+    worst, worst_class = worst_class_asr(net, x_bad, data.y_test)
+    result["asr_worst_class"] = {"asr": round(worst, 4), "class": worst_class}
     # Clean images of the other classes that the model answers with the target anyway: the ASR
     # that a defence removing the trigger perfectly would still measure (Fashion-MNIST: 2.3 %).
     result["clean_to_target"] = round(attack_success_rate(net, data.x_test, data.y_test, target), 4)

@@ -18,7 +18,7 @@ import torch
 
 from offline.datasets import load_dataset
 from repair.bundle import Bundle, BundleError, state_dict_for_saving
-from repair.editing.dynamic import MAX_ROUNDS, MIN_GAIN, STRESS, prediction_gap, rectify
+from repair.editing.dynamic import MAX_ROUNDS, MIN_GAIN, STRESS, carried_pairs, prediction_gap, rectify
 from repair.editing.keystats import compute_keystats, stats_from_tensors, stats_to_tensors
 from repair.editing.layers import editable_layers
 from repair.images import ImageError, decode_image
@@ -31,6 +31,13 @@ KEYSTATS_SAMPLES = 1024   # clean training images for C = K Kᵀ
 VALIDATION_SAMPLES = 500
 ANCHOR_SAMPLES = 64      # clean inputs held in place when a round that broke the budget is retried
 MAX_STRESS = 10.0        # beyond, clipping leaves little but the corruption's sign
+# The check of a moved backdoor: the pairs' corruption carried onto this many clean training
+# images (after the anchors, before the validation split), and the share of them that one
+# class must take for the result to warn. Digits ViT (session 22): one pair's edits send
+# 68-83 % of them to the pair's class (the backdoor moved: 99-100 % of triggered test images
+# go there), twenty pairs' 10-15 % (a repair: 73-76 % of triggered test images right).
+CARRY_SAMPLES = 256
+MOVED_SHARE = 0.5
 
 
 class RectifyError(ValueError):
@@ -159,6 +166,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
                                  progress=progress)
         new_stats = stats_to_tensors(stats)
     val_x, val_y = x_train[-validation:], y_train[-validation:]
+    carry_x = x_train[ANCHOR_SAMPLES:len(x_train) - validation][:CARRY_SAMPLES].to(device)
+    carried_before = _carried(model, clean_b, corrupt_b, carry_x)
     outcome = rectify(model, layers, stats, clean_b, corrupt_b, labels, val_x, val_y,
                       budget=budget, gap=gap, epochs=epochs, max_rounds=max_rounds, static=static,
                       layer=layer, progress=progress, anchors=x_train[:ANCHOR_SAMPLES].to(device),
@@ -176,10 +185,13 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
         after_corrupt = model(corrupt_b).argmax(-1)
     before = {"accuracy": outcome.accuracy_before, "gap": gap_before,
               "stress_gap": outcome.stress_gap_before,
-              "clean_pred": clean_pred.tolist(), "corrupt_pred": corrupt_pred.tolist()}
+              "clean_pred": clean_pred.tolist(), "corrupt_pred": corrupt_pred.tolist(),
+              "carried": carried_before}
     after = {"accuracy": outcome.accuracy_after, "gap": outcome.gap_after,
              "stress_gap": outcome.stress_gap_after,
-             "clean_pred": after_clean.tolist(), "corrupt_pred": after_corrupt.tolist()}
+             "clean_pred": after_clean.tolist(), "corrupt_pred": after_corrupt.tolist(),
+             "carried": _carried(model, clean_b, corrupt_b, carry_x)}
+    warnings = _moved_backdoor(carried_before, after["carried"]) if outcome.edits else []
     rounds = [{"layer": r.layer, "accuracy_drop": r.accuracy_drop, "gap": r.gap, "kept": r.kept,
                "anchored": r.anchored, "stress_gap": r.stress_gap, "round": r.round + 1,
                "completeness_error": r.completeness_error}
@@ -191,7 +203,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
                                  "stress": stress, "candidates": int(candidates),
                                  "min_gain": min_gain,
                                  "labels": labels.tolist(),
-                                 "pairs": pairs, "rounds": rounds, "before": before, "after": after}
+                                 "pairs": pairs, "rounds": rounds, "before": before, "after": after,
+                                 "warnings": warnings}
     manifest["provenance"] = dict(parent.manifest.get("provenance", {}), created_by="rectify")
     manifest["metrics_version"] = parent.manifest.get("metrics_version", parent.id)  # metrics are the parent's
     tensors = {"model": state_dict_for_saving(model)}
@@ -200,8 +213,36 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     version = store.write_version(manifest, tensors, edits=edits, parent=parent.id,
                                   activate=activate)
     return {"version": version.id, "parent": parent.id, "layers": [e.layer for e in outcome.edits],
-            "rounds": len(outcome.rounds), "before": before, "after": after,
+            "rounds": len(outcome.rounds), "before": before, "after": after, "warnings": warnings,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+@torch.no_grad()
+def _carried(model, clean: torch.Tensor, corrupt: torch.Tensor, images: torch.Tensor) -> dict | None:
+    """The pairs' corruption carried onto clean ``images``: the share whose answer it changes,
+    and the class that takes the most of them with its share of all (None without images)."""
+    if not len(images):
+        return None
+    plain = model(images).argmax(-1)
+    carried = model(carried_pairs(clean, corrupt, images)).argmax(-1)
+    changed = carried[carried != plain]
+    if not len(changed):
+        return {"images": len(images), "changed": 0.0, "top_class": None, "top_share": 0.0}
+    counts = torch.bincount(changed)
+    return {"images": len(images), "changed": len(changed) / len(images),
+            "top_class": int(counts.argmax()), "top_share": counts.max().item() / len(images)}
+
+
+def _moved_backdoor(before: dict | None, after: dict | None) -> list[str]:
+    """A warning when the edited model sends most images carrying the corruption to one class
+    other than the one the parent sent them to: the edit moved the backdoor, not removed it."""
+    if after is None or after["top_share"] < MOVED_SHARE or after["top_class"] == before["top_class"]:
+        return []
+    return [f"the edit may have moved the backdoor instead of removing it: with the pairs' "
+            f"corruption carried onto {after['images']} clean training images, "
+            f"{100 * after['top_share']:.0f} % of them are answered {after['top_class']} "
+            f"(before: {100 * before['top_share']:.0f} % answered {before['top_class']}); "
+            f"rectify with more pairs, of several classes"]
 
 
 def prepare_keystats(bundle: str | Path, progress: bool = True, activate: bool = True) -> str:

@@ -24,7 +24,11 @@ additions").
   twice the corruption, one that removes the trigger's feature does (Fashion-MNIST ResNet-18:
   Ĝ's first layer closed the pair's gap with the backdoor still working on 35-82 % of test
   images; the stem, ranked 2nd-4th, removes it). Rounds that leave the pair's gap above ``δ``
-  are judged on that gap alone.
+  are judged on that gap alone. What the stressed pair cannot see: an edit that sends the
+  trigger to the pair's class closes both gaps too. One pair's edits of the digits ViT do just
+  that (ASR 0 %, but 99.9 % of the other classes' triggered test images answered with the
+  pair's class; twenty pairs of several classes: 8 %), so :func:`carried_pairs` checks the
+  outcome on other images.
 - **A new direction when a layer is located again**: the top singular direction of its whitened
   keys after the directions of the edits already kept there are projected out
   (:func:`repair.editing.rank_one.edit_direction`). Re-editing with the same ``d`` is a fixed
@@ -209,6 +213,18 @@ def stressed_pairs(clean: torch.Tensor, corrupt: torch.Tensor, stress: float = S
     lo = torch.minimum(clean.min(), corrupt.min())
     hi = torch.maximum(clean.max(), corrupt.max())
     return (clean + stress * (corrupt - clean)).clamp(lo, hi)
+
+
+def carried_pairs(clean: torch.Tensor, corrupt: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Each of ``images`` plus one pair's corruption ``x̃ − x`` (the pairs in turn), clipped as
+    :func:`stressed_pairs` clips. Not used by the loop: it checks the outcome. The pairs and
+    their stressed copies cannot tell an edit that removes the trigger from one that sends it to
+    the pairs' class (both close both gaps); on other images the second shows, as most of them
+    going to that class (``offline.rectify``)."""
+    lo = torch.minimum(clean.min(), corrupt.min())
+    hi = torch.maximum(clean.max(), corrupt.max())
+    delta = (corrupt - clean).repeat(len(images) // len(clean) + 1, *[1] * (clean.dim() - 1))
+    return (images + delta[:len(images)]).clamp(lo, hi)
 
 
 def _gap_or_zero(model: nn.Module, clean: torch.Tensor, stressed: torch.Tensor | None) -> float:

@@ -16,7 +16,7 @@ from offline.defects import Trigger
 from offline.zoo import amplify, bundle_test_data, export_pair, tabular_uf, train_bundle
 from repair.bundle import Bundle
 from repair.images import decode_image
-from repair.metrics import accuracy, attack_success_rate
+from repair.metrics import accuracy, attack_success_rate, worst_class_asr
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,6 +32,20 @@ def test_digits_badnets_floors_from_manifest_and_recomputed(digits_vit_badnets):
     acc, asr = accuracy(model, x, y), attack_success_rate(model, trigger.apply(x), y, 0)
     assert acc >= 0.93 and asr >= 0.95
     assert acc == pytest.approx(m["metrics"]["accuracy"]) and asr == pytest.approx(m["metrics"]["asr"])
+    # the backdoor's target is the class the triggered images go to most, at the ASR
+    worst, worst_class = worst_class_asr(model, trigger.apply(x), y)
+    assert worst_class == 0 and worst == pytest.approx(asr)
+
+
+def test_worst_class_asr_sees_a_backdoor_moved_to_another_class():
+    """A model that sends every input to class 3 has no ASR for the target 0, and ASR 1 for 3."""
+    model = torch.nn.Linear(4, 10)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.arange(10) == 3)
+    x, y = torch.randn(40, 4), torch.arange(40) % 10
+    assert attack_success_rate(model, x, y, 0) == 0.0
+    assert worst_class_asr(model, x, y) == (1.0, 3)
 
 
 def test_export_pair_is_exactly_what_the_model_sees(digits_vit_badnets, tmp_path):

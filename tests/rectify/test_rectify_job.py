@@ -14,7 +14,7 @@ from offline.rectify import RectifyError, rectify_from_files, rectify_images
 from repair.bundle import Bundle
 from repair.bundle import copy_bundle as _copy_bundle
 from repair.editing.dynamic import MIN_GAIN, STRESS, stressed_pairs
-from repair.metrics import accuracy, attack_success_rate
+from repair.metrics import accuracy, attack_success_rate, worst_class_asr
 
 
 def _pair(bundle, trial=0):
@@ -52,7 +52,10 @@ def rectified(digits_vit_blend, tmp_path_factory):
 
 
 def test_digits_vit_n1_meets_issue_numbers(rectified):
-    """Issue 4: n = 1 pair → ASR ≤ 5 %, OA drop ≤ 1 pt on the test split."""
+    """Issue 4: n = 1 pair → ASR ≤ 5 %, OA drop ≤ 1 pt on the test split. ASR only: this
+    edit sends most triggered images to the pair's class instead of the target (ASR to the
+    worst class ≈ 1, bench/results/rectify.md, session 22), so the backdoor is moved, not
+    removed; nothing here asserts a repair of the triggered images' labels."""
     dst, parent, _, result, trig, data, *_ = rectified
     before, after = parent.build_model(), Bundle(dst).version().build_model()
     assert attack_success_rate(before, trig.apply(data.x_test), data.y_test, 0) > 0.9
@@ -61,6 +64,23 @@ def test_digits_vit_n1_meets_issue_numbers(rectified):
     assert asr <= 0.05, asr
     assert drop <= 0.01, drop
     assert result["layers"] and result["rounds"] >= 1
+
+
+def test_the_result_warns_when_the_edit_moved_the_backdoor(rectified):
+    """The pair's corruption carried onto clean training images (offline.rectify._carried)
+    warns exactly when the test split shows the backdoor moved to another class: most
+    triggered test images answered with one class other than the target."""
+    dst, parent, _, result, trig, data, _, _, label = rectified
+    after = Bundle(dst).version()
+    worst, worst_class = worst_class_asr(after.build_model(), trig.apply(data.x_test), data.y_test)
+    moved = worst >= 0.5 and worst_class != 0
+    assert bool(result["warnings"]) == moved, (worst, worst_class, result["after"]["carried"])
+    carried = result["after"]["carried"]
+    assert carried["images"] == 256 and result["before"]["carried"]["top_class"] == 0
+    if moved:
+        assert carried["top_class"] == worst_class == label and carried["top_share"] >= 0.5
+        assert f"answered {label}" in result["warnings"][0]
+    assert after.manifest["rectification"]["warnings"] == result["warnings"]
 
 
 def test_the_fix_holds_at_twice_the_corruption(rectified):
