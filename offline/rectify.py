@@ -22,6 +22,7 @@ from repair.editing.dynamic import MAX_ROUNDS, MIN_GAIN, STRESS, carried_pairs, 
 from repair.editing.keystats import compute_keystats, stats_from_tensors, stats_to_tensors
 from repair.editing.layers import editable_layers
 from repair.images import ImageError, decode_image
+from repair.metrics import predict
 
 KEYSTATS_SAMPLES = 1024   # clean training images for C = K Kᵀ
 # Training images (the last ones) on which the budget ε is checked; the test split stays unseen.
@@ -113,6 +114,9 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     help (0: off, the paper's loop; :mod:`repair.editing.dynamic`). ``candidates``: how many of
     ``Ĝ``'s top layers a round tries (1: Algorithm 1's argmax); ``min_gain``: the relative
     lowering of the gap a round must bring.
+    The result's ``before`` / ``after`` hold ``carried`` (the pairs' corruption on clean
+    training images: :func:`_carried`) and ``warnings`` says when the edit seems to have moved
+    the backdoor to another class rather than removed it.
     Raises :class:`RectifyError` before anything is written on bad input.
     """
     started = time.perf_counter()
@@ -217,14 +221,13 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-@torch.no_grad()
 def _carried(model, clean: torch.Tensor, corrupt: torch.Tensor, images: torch.Tensor) -> dict | None:
     """The pairs' corruption carried onto clean ``images``: the share whose answer it changes,
     and the class that takes the most of them with its share of all (None without images)."""
     if not len(images):
         return None
-    plain = model(images).argmax(-1)
-    carried = model(carried_pairs(clean, corrupt, images)).argmax(-1)
+    plain = predict(model, images)
+    carried = predict(model, carried_pairs(clean, corrupt, images))
     changed = carried[carried != plain]
     if not len(changed):
         return {"images": len(images), "changed": 0.0, "top_class": None, "top_share": 0.0}

@@ -30,7 +30,7 @@ def test_patch_on_removes_the_backdoor_and_keeps_accuracy(evaluated, digits_patc
     # the patch gives the triggered images their labels back (0.84 here, the clean 0.97: the
     # patch hides part of the digit), it does not send them to another class
     assert off["asr_worst_class"] == {"asr": off["asr"], "class": 0}
-    assert off["triggered_accuracy"] <= 0.1 and on["triggered_accuracy"] >= 0.75
+    assert off["triggered_accuracy"] <= 0.15 and on["triggered_accuracy"] >= 0.75
     assert on["asr_worst_class"]["asr"] <= 0.15
     # the floor under ASR: clean images of other classes the model answers with the target anyway
     data = load_dataset("digits")
