@@ -241,11 +241,12 @@ def _moved_backdoor(before: dict | None, after: dict | None) -> list[str]:
     other than the one the parent sent them to: the edit moved the backdoor, not removed it."""
     if after is None or after["top_share"] < MOVED_SHARE or after["top_class"] == before["top_class"]:
         return []
+    was = ("none changed" if before["top_class"] is None
+           else f"{100 * before['top_share']:.0f} % answered {before['top_class']}")
     return [f"the edit may have moved the backdoor instead of removing it: with the pairs' "
             f"corruption carried onto {after['images']} clean training images, "
             f"{100 * after['top_share']:.0f} % of them are answered {after['top_class']} "
-            f"(before: {100 * before['top_share']:.0f} % answered {before['top_class']}); "
-            f"rectify with more pairs, of several classes"]
+            f"(before: {was}); rectify with more pairs, of several classes"]
 
 
 def prepare_keystats(bundle: str | Path, progress: bool = True, activate: bool = True) -> str:

@@ -202,7 +202,7 @@ def run_job(store: JobStore, job: dict) -> dict:
     return store.update(job, status="succeeded", version=result.get("version"),
                         layers=result.get("layers"), rounds=result.get("rounds"),
                         before=result.get("before"), after=result.get("after"),
-                        result=result, finished=finished, duration_seconds=finished - started)
+                        warnings=result.get("warnings", []), result=result, finished=finished, duration_seconds=finished - started)
 
 
 def run_worker(bundle: str | os.PathLike, poll_interval: float = 0.5, once: bool = False,

@@ -66,7 +66,8 @@ def _images(served, images: list[str], side: str, max_pixels: int):
 
 def public(job: dict, status_url: str) -> dict:
     keep = ("id", "status", "created", "started", "finished", "duration_seconds", "attempts", "pairs",
-            "params", "parent", "version", "layers", "rounds", "before", "after", "error", "note")
+            "params", "parent", "version", "layers", "rounds", "before", "after", "warnings", "error",
+            "note")
     return {"job_id": job["id"], "status_url": status_url,
             **{k: job[k] for k in keep if k in job and k != "id"}}
 

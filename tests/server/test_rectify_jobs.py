@@ -101,6 +101,9 @@ def test_rectify_jobs_fail_cleanly_then_swap_version_under_load(bundle, pair):
         p = httpx.post(s.url + "/predict", json={"images": [b64png(corrupt)]}).json()
         assert p["model_version"] == new
         assert p["predictions"][0]["class_index"] == job["after"]["corrupt_pred"][0]
+        # the moved-backdoor check reaches the client as the new version records it
+        record = Bundle(bundle).version(new).manifest["rectification"]
+        assert job["warnings"] == record["warnings"] and job["after"]["carried"]["images"] > 0
         assert s.metric("repair_rectify_jobs_total", outcome="succeeded") == 1
         assert s.metric("repair_rectify_jobs_total", outcome="failed") == 1
         assert s.metric("repair_rectify_job_duration_seconds_count") == 2
