@@ -210,9 +210,7 @@ def stressed_pairs(clean: torch.Tensor, corrupt: torch.Tensor, stress: float = S
     """``x + s·(x̃ − x)``: each corrupt input with its corruption amplified ``s`` times, clipped
     to the range the pairs' values span (for a Blend trigger at visibility φ, the same image at
     visibility ``s·φ``)."""
-    lo = torch.minimum(clean.min(), corrupt.min())
-    hi = torch.maximum(clean.max(), corrupt.max())
-    return (clean + stress * (corrupt - clean)).clamp(lo, hi)
+    return (clean + stress * (corrupt - clean)).clamp(*_value_range(clean, corrupt))
 
 
 def carried_pairs(clean: torch.Tensor, corrupt: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -221,10 +219,13 @@ def carried_pairs(clean: torch.Tensor, corrupt: torch.Tensor, images: torch.Tens
     their stressed copies cannot tell an edit that removes the trigger from one that sends it to
     the pairs' class (both close both gaps); on other images the second shows, as most of them
     going to that class (``offline.rectify``)."""
-    lo = torch.minimum(clean.min(), corrupt.min())
-    hi = torch.maximum(clean.max(), corrupt.max())
     delta = (corrupt - clean).repeat(len(images) // len(clean) + 1, *[1] * (clean.dim() - 1))
-    return (images + delta[:len(images)]).clamp(lo, hi)
+    return (images + delta[:len(images)]).clamp(*_value_range(clean, corrupt))
+
+
+def _value_range(clean: torch.Tensor, corrupt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest and highest value the pairs hold (the input range the copies are clipped to)."""
+    return torch.minimum(clean.min(), corrupt.min()), torch.maximum(clean.max(), corrupt.max())
 
 
 def _gap_or_zero(model: nn.Module, clean: torch.Tensor, stressed: torch.Tensor | None) -> float:
