@@ -59,14 +59,15 @@ def _atpatch_build(a):
 
 
 def _rectify(a):
-    from offline.rectify import MIN_GAIN, STRESS, VALIDATION_SAMPLES, rectify_from_files
+    from offline.rectify import MIN_GAIN, STRESS, TRANSPLANT_SAMPLES, VALIDATION_SAMPLES, rectify_from_files
 
     validation = VALIDATION_SAMPLES if a.validation is None else a.validation
     stress = STRESS if a.stress is None else a.stress
     result = rectify_from_files(a.bundle, clean=a.clean, corrupt=a.corrupt, label=a.label,
                                 budget=a.budget, gap=a.gap, static=a.static, layer=a.layer,
                                 validation=validation, stress=stress, candidates=a.candidates,
-                                min_gain=MIN_GAIN if a.min_gain is None else a.min_gain)
+                                min_gain=MIN_GAIN if a.min_gain is None else a.min_gain,
+                                transplant=TRANSPLANT_SAMPLES if a.transplant is None else a.transplant)
     print(json.dumps(result))
 
 
@@ -163,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     # default: repair.editing.dynamic.MIN_GAIN, read when the command runs
     p.add_argument("--min-gain", type=float,
                    help="relative lowering of the gap a round must bring to be kept (default 0.03)")
+    # default: offline.rectify.TRANSPLANT_SAMPLES, read when the command runs
+    p.add_argument("--transplant", type=int,
+                   help="clean training images that receive the pairs' corruption and join the "
+                        "pairs, so the edit removes the trigger rather than mapping it to the "
+                        "pairs' class; 0: the pairs alone, as in the paper (default 16)")
     p.add_argument("--static", action="store_true", help="edit one fixed layer (the last)")
     p.add_argument("--layer", help="edit this layer instead of localising one")
     p.set_defaults(func=_rectify)

@@ -2,8 +2,8 @@
 
 On Blend φ=0.5 zoo models: for n = 1 (several trials, one pair each) and n = 20 pairs, overall
 accuracy (OA, test split) and attack success rate (ASR, test split with the trigger) after
-dynamic rectification (Algorithm 1 with the stressed pairs, the default, and ``dynamic-paper``
-without them: :mod:`repair.editing.dynamic`), static rectification (last layer) and fine-tuning
+dynamic rectification (Algorithm 1 with the stressed and the transplanted pairs, the default,
+and ``dynamic-paper`` without them: :mod:`repair.editing.dynamic`), static rectification (last layer) and fine-tuning
 the last layer (§11), all with budget ε = 1 pt on a validation split of the training data. The
 dynamic runs also report ASR at other trigger visibilities (Table 2 generalisation).
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline.finetune_baseline import finetune_last_layer  # noqa: E402
-from offline.rectify import VALIDATION_SAMPLES  # noqa: E402
+from offline.rectify import TRANSPLANT_SAMPLES, VALIDATION_SAMPLES  # noqa: E402
 from rectify_common import METHODS, PAPER_LOOP, Setup, ensure_bundle, write_results  # noqa: E402
 from repair.editing.dynamic import MIN_GAIN, STRESS, rectify  # noqa: E402
 
@@ -43,6 +43,7 @@ def run(setup: Setup, method: str, n: int, trial: int, budget: float, **dynamic)
         out = rectify(setup.model, setup.layers, setup.stats, clean, corrupt, labels, setup.val_x,
                       setup.val_y, budget=budget, static=(method == "static"), progress=False,
                       anchors=setup.anchors, stress=None if method in PAPER_LOOP else STRESS,
+                      transplant=None if method in PAPER_LOOP else setup.transplant,
                       **(dynamic if method == "dynamic" else {}))
         info = {"layers": [e.layer for e in out.edits], "rounds": len(out.rounds),
                 "anchored_rounds": [r.anchored for r in out.rounds],
@@ -116,7 +117,8 @@ def main():
           "which stays high when an edit only moves the backdoor to another class. "
           f"Budget ε = {a.budget} on the last {a.validation} training images; "
           f"n=1 averaged over {a.trials} pair(s) (one per trial), each larger n over "
-          f"{a.large_trials} set(s) of pairs. The dynamic loop (stressed pairs) tries "
+          f"{a.large_trials} set(s) of pairs. The dynamic loop (stressed pairs, "
+          f"{TRANSPLANT_SAMPLES} transplanted pairs) tries "
           f"{a.candidates} of Ĝ's top layers per round, min_gain {a.min_gain}; dynamic-paper is "
           "Algorithm 1 as published. OA drop in points of accuracy × 100.", "",
           "| method | OA | OA drop (pt) | ASR | ASR, clean ≠ target | OA, triggered | ASR, worst class "

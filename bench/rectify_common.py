@@ -8,14 +8,14 @@ import torch
 
 from offline.datasets import load_dataset
 from offline.defects import Trigger, blend_trigger
-from offline.rectify import ANCHOR_SAMPLES, VALIDATION_SAMPLES
+from offline.rectify import ANCHOR_SAMPLES, VALIDATION_SAMPLES, transplant_images
 from repair.bundle import Bundle
 from repair.editing.keystats import compute_keystats, stats_from_tensors
 from repair.editing.layers import editable_layers
 from repair.metrics import accuracy, attack_success_rate, predict, worst_class_asr
 
 
-# dynamic: Algorithm 1 with the stressed pairs (the default); dynamic-paper: without them
+# dynamic: Algorithm 1 with the stressed and transplanted pairs (the default); dynamic-paper: without them
 PAPER_LOOP = ("dynamic-paper", "static")  # as the paper runs them: no stressed pairs
 ARCH_NAMES = {"vit": "ViT", "resnet18": "ResNet-18"}  # how the result files name the architectures
 METHODS = ("dynamic", "dynamic-paper", "static", "finetune")
@@ -55,6 +55,7 @@ class Setup:
         self.validation = validation
         self.val_x, self.val_y = self.data.x_train[-validation:], self.data.y_train[-validation:]
         self.anchors = self.data.x_train[:ANCHOR_SAMPLES]  # as `repair-proxy rectify` holds them
+        self.transplant = transplant_images(self.data.x_train, validation)  # and transplants onto
         self.base = self.evaluate()
         # the non-target clean test images the model answers with the target (no trigger)
         self.base["clean_to_target"] = attack_success_rate(self.model, self.data.x_test,

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline.defects import Trigger, block_images, block_positions  # noqa: E402
 from offline.finetune_baseline import finetune_last_layer  # noqa: E402
-from offline.rectify import ANCHOR_SAMPLES, VALIDATION_SAMPLES, training_images  # noqa: E402
+from offline.rectify import ANCHOR_SAMPLES, VALIDATION_SAMPLES, training_images, transplant_images  # noqa: E402
 from offline.zoo import bundle_test_data, train_bundle  # noqa: E402
 from rectify_common import ARCH_NAMES, write_results  # noqa: E402
 from repair.bundle import Bundle  # noqa: E402
@@ -74,9 +74,10 @@ def _prepare(version):
     return model, layers, stats, x_train, y_train, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _methods(model, layers, stats, clean, corrupt, labels, val_x, val_y, weights, anchors):
+def _methods(model, layers, stats, clean, corrupt, labels, val_x, val_y, weights, anchors, transplant):
     """Yield (method, info) with the model in that method's state; info says what was kept.
-    ``anchors``: the clean inputs a retried round holds in place, as `repair-proxy rectify` does."""
+    ``anchors``: the clean inputs a retried round holds in place, ``transplant``: those the
+    dynamic loop carries the pairs' corruption onto, as `repair-proxy rectify` does."""
     for method in ("base", "dynamic", "static", "finetune"):
         model.load_state_dict(weights)
         info, started = {}, time.perf_counter()
@@ -84,7 +85,8 @@ def _methods(model, layers, stats, clean, corrupt, labels, val_x, val_y, weights
             info = finetune_last_layer(model, clean, corrupt, labels, val_x, val_y, budget=0.005)
         elif method != "base":
             out = rectify(model, layers, stats, clean, corrupt, labels, val_x, val_y,
-                          budget=0.005, static=method == "static", progress=False, anchors=anchors)
+                          budget=0.005, static=method == "static", progress=False, anchors=anchors,
+                          transplant=transplant if method == "dynamic" else None)
             info = {"rounds": [{"layer": r.layer, "kept": r.kept, "gap": r.gap, "anchored": r.anchored,
                                 "accuracy_drop": r.accuracy_drop} for r in out.rounds],
                     "seconds": round(time.perf_counter() - started, 1)}
@@ -112,7 +114,7 @@ def spurious(rows, dataset: str, arch: str, cls: int, rate: float, validation: i
         corrupt, labels = square.apply(clean), y_train[order[:n]]
         for method, info in _methods(model, layers, stats, clean, corrupt, labels,
                                      x_train[-validation:], y_train[-validation:], weights,
-                                     x_train[:ANCHOR_SAMPLES]):
+                                     x_train[:ANCHOR_SAMPLES], transplant_images(x_train, validation)):
             acc_clean = accuracy(model, x_test[zero], y_test[zero])
             acc_spur = accuracy(model, square.apply(x_test[zero]), y_test[zero])
             rows.append({"defect": "spurious", "n": n, "method": method,
@@ -162,7 +164,7 @@ def leakage(rows, dataset: str, arch: str, validation: int, **zoo):
         clean, corrupt, labels = blank[idx], x_train[idx], y_train[idx]
         for method, info in _methods(model, layers, stats, clean, corrupt, labels,
                                      x_train[-validation:], y_train[-validation:], weights,
-                                     x_train[:ANCHOR_SAMPLES]):
+                                     x_train[:ANCHOR_SAMPLES], transplant_images(x_train, validation)):
             rows.append({"defect": "leakage", "n": n, "method": method,
                          "oa": accuracy(model, x_test, y_test),
                          "leakage": leakage_measure(model, x_test[sub], y_test[sub], block_top[sub]),

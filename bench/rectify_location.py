@@ -58,7 +58,8 @@ def run(setup: Setup, triggers: dict, method: str, n: int, trial: int, budget: f
     else:
         out = rectify(setup.model, setup.layers, setup.stats, clean, corrupt, labels, setup.val_x,
                       setup.val_y, budget=budget, static=method == "static", progress=False,
-                      anchors=setup.anchors, stress=None if method in PAPER_LOOP else STRESS)
+                      anchors=setup.anchors, stress=None if method in PAPER_LOOP else STRESS,
+                      transplant=None if method in PAPER_LOOP else setup.transplant)
         info = {"layers": [e.layer for e in out.edits],
                 "rounds": [{"layer": r.layer, "kept": r.kept, "gap": r.gap,
                             "accuracy_drop": r.accuracy_drop} for r in out.rounds]}

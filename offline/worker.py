@@ -163,7 +163,7 @@ def run_job(store: JobStore, job: dict) -> dict:
     """Run one rectification job (CONTRACTS §2) and record its outcome in the job file."""
     import torch
 
-    from offline.rectify import MIN_GAIN, STRESS, VALIDATION_SAMPLES, rectify_images
+    from offline.rectify import MIN_GAIN, STRESS, TRANSPLANT_SAMPLES, VALIDATION_SAMPLES, rectify_images
     from repair.bundle import Bundle
     from repair.images import decode_image
 
@@ -184,6 +184,7 @@ def run_job(store: JobStore, job: dict) -> dict:
                                 stress=params.get("stress", STRESS),
                                 candidates=params.get("candidates", 1),
                                 min_gain=params.get("min_gain", MIN_GAIN),
+                                transplant=params.get("transplant", TRANSPLANT_SAMPLES),
                                 progress=False, activate=True)
     except WorkerStopped:
         store.update(job, status="queued", note="requeued: the worker was stopped mid-job")

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from offline.rectify import MAX_STRESS, MIN_GAIN, STRESS, VALIDATION_SAMPLES
+from offline.rectify import MAX_STRESS, MAX_TRANSPLANT, MIN_GAIN, STRESS, TRANSPLANT_SAMPLES, VALIDATION_SAMPLES
 
 PatchMode = Literal["on", "off", "shadow"]
 
@@ -87,6 +87,9 @@ class RectifyRequest(BaseModel):
                                         "the one that leaves the stressed gap lowest; 1: the argmax")
     min_gain: float = Field(default=MIN_GAIN, ge=0, lt=1,
                             description="relative lowering of the gap a round must bring")
+    transplant: int = Field(default=TRANSPLANT_SAMPLES, ge=0, le=MAX_TRANSPLANT,
+                            description="clean training images that receive the pairs' corruption "
+                                        "and join the pairs; 0: the pairs alone (the paper)")
     static: bool = False
     layer: str | None = Field(default=None, max_length=200)
 

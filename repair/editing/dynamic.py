@@ -12,7 +12,7 @@ the same, 1 when it classifies them apart with confidence; it covers a flipped l
 and a changed confidence (spurious correlation, leakage). ``T`` (``epochs``) bounds a round's
 optimisation steps; the Adam loop stops once the objective has converged (``tol``).
 
-Four additions to Algorithm 1, and a fifth that is opt-in. Each was measured on the zoo; the
+Five additions to Algorithm 1, and a sixth that is opt-in. Each was measured on the zoo; the
 numbers and the runs behind them are in ``bench/results/rectify.md`` ("The dynamic loop's
 additions").
 
@@ -27,8 +27,19 @@ additions").
   are judged on that gap alone. What the stressed pair cannot see: an edit that sends the
   trigger to the pair's class closes both gaps too. One pair's edits of the digits ViT do just
   that (ASR 0 %, but 99.9 % of the other classes' triggered test images answered with the
-  pair's class; twenty pairs of several classes: 8 %), so :func:`carried_pairs` checks the
-  outcome on other images.
+  pair's class; twenty pairs of several classes: 8 %), hence the transplanted pairs below.
+  At φ = 0.5 the doubled corruption is the bare trigger (φ = 1), nothing of the image left: a
+  model that lost the backdoor may still answer it with the target (with transplanted pairs the
+  digits ViT does in 4 of 5 runs; all pairs' gap rarely reaches δ, so the stressed gap rarely
+  judges then).
+- **Transplanted pairs** (``transplant``: clean images): each pair's corruption carried onto
+  other clean inputs (:func:`carried_pairs`), with the model's own answers to those inputs as
+  their labels, joins the pairs the loop edits on. One pair cannot tell "remove the trigger"
+  from "map the trigger to my class": its clean value ``v*`` carries its class, and the cheapest
+  edit adds that class's evidence to every triggered input. Triggered inputs of other classes
+  that must keep their own answers rule the second out. Digits ViT, Blend φ = 0.5, one pair
+  and 16 transplants (5 trials): ASR 0-6.8 %, ASR to the worst class 5.6-10.2 % (99.9 % without),
+  69-79 % of triggered test images right (10 % without), OA −0 to −0.28 pt.
 - **A new direction when a layer is located again**: the top singular direction of its whitened
   keys after the directions of the edits already kept there are projected out
   (:func:`repair.editing.rank_one.edit_direction`). Re-editing with the same ``d`` is a fixed
@@ -111,15 +122,23 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
             joint: bool = False, min_gain: float = MIN_GAIN, patience: int = 4,
             anchors: torch.Tensor | None = None, preserve: float = 1.0,
             stress: float | None = STRESS, candidates: int = 1,
-            progress: bool = True) -> RectifyOutcome:
+            transplant: torch.Tensor | None = None, progress: bool = True) -> RectifyOutcome:
     """Algorithm 1 on ``model`` in place (or static / one named layer); returns what was kept.
     ``anchors``: clean inputs for the retry of a round that breaks the budget; ``stress``: the
     amplification of the stressed pairs a round closing the pair's gap must also help (None:
     the pair alone); ``candidates``: how many of ``Ĝ``'s top layers a round edits in turn,
-    keeping the one that leaves the stressed gap lowest (1: Algorithm 1's argmax; all three
-    in the module docstring)."""
+    keeping the one that leaves the stressed gap lowest (1: Algorithm 1's argmax);
+    ``transplant``: clean inputs that each receive one pair's corruption (the pairs in turn) and
+    join the pairs with the model's answers as labels (None: the pairs alone; all four in the
+    module docstring). The outcome's gaps are over all pairs, transplanted ones included."""
     if candidates < 1:
         raise ValueError(f"candidates must be at least 1, got {candidates}")
+    if transplant is not None and len(transplant):
+        with torch.no_grad():
+            answers = model(transplant).argmax(-1)
+        clean, corrupt, labels = (torch.cat([clean, transplant]),
+                                  torch.cat([corrupt, carried_pairs(clean, corrupt, transplant)]),
+                                  torch.cat([labels, answers.to(labels)]))
     names = list(layers)
     fixed = layer or (names[-1] if static else None)
     rounds = 1 if static else max_rounds
@@ -214,13 +233,21 @@ def stressed_pairs(clean: torch.Tensor, corrupt: torch.Tensor, stress: float = S
 
 
 def carried_pairs(clean: torch.Tensor, corrupt: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Each of ``images`` plus one pair's corruption ``x̃ − x`` (the pairs in turn), clipped as
-    :func:`stressed_pairs` clips. Not used by the loop: it checks the outcome. The pairs and
-    their stressed copies cannot tell an edit that removes the trigger from one that sends it to
-    the pairs' class (both close both gaps); on other images the second shows, as most of them
-    going to that class (``offline.rectify``)."""
-    delta = (corrupt - clean).repeat(len(images) // len(clean) + 1, *[1] * (clean.dim() - 1))
-    return (images + delta[:len(images)]).clamp(*_value_range(clean, corrupt))
+    """Each of ``images`` with one pair's corruption (the pairs in turn): ``x̃ + β(x_j − x)``, with
+    ``β`` the least-squares slope of ``x̃`` on ``x`` (centred, clipped to [0, 1]), clipped as
+    :func:`stressed_pairs` clips. Why the slope: a Blend trigger ``x̃ = (1 − φ)x + φt`` dilutes
+    the image, and for a trigger uncorrelated with it the slope is ``1 − φ``, so the result is
+    ``(1 − φ)x_j + φt``, the same trigger on ``x_j`` (digits pairs: β 0.50-0.55 at φ = 0.5). The
+    plain difference ``x_j + x̃ − x`` keeps ``x_j`` undiluted plus a negative ghost of ``x``. A
+    stamped patch leaves most pixels alone, so β ≈ 1 and the patch lands on ``x_j``.
+    Used to fit on (``rectify(transplant=...)``) and to check the outcome on other images
+    (``offline.rectify``)."""
+    x, y = clean.flatten(1), corrupt.flatten(1)
+    x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+    beta = ((x * y).sum(1) / (x * x).sum(1).clamp_min(1e-12)).clamp(0, 1)
+    pair = torch.arange(len(images), device=images.device) % len(clean)
+    beta = beta[pair].view(-1, *[1] * (clean.dim() - 1))
+    return (corrupt[pair] + beta * (images - clean[pair])).clamp(*_value_range(clean, corrupt))
 
 
 def _value_range(clean: torch.Tensor, corrupt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from offline.defects import blend_trigger
-from repair.editing.dynamic import stressed_pairs
+from offline.datasets import load_dataset
+from offline.defects import badnets_trigger, blend_trigger
+from repair.editing.dynamic import carried_pairs, stressed_pairs
 from repair.editing.keystats import compute_keystats
 from repair.editing.layers import (capture_inputs_outputs, editable_layers, rank_one_hook,
                                    resolve_layer, LayerError)
@@ -233,6 +234,26 @@ def test_stressed_pair_of_a_blend_is_the_blend_at_twice_the_visibility():
     far = stressed_pairs(x, low.apply(x), 10.0)
     lo, hi = min(x.min(), low.apply(x).min()), max(x.max(), low.apply(x).max())
     assert far.min() >= lo and far.max() <= hi and far.min() == lo  # 10x overshoots, then clipped
+
+
+def test_a_pairs_corruption_carried_onto_other_images_is_the_same_trigger_on_them():
+    """One digits pair's Blend (φ = 0.5) carried onto other digits is the Blend of those digits
+    (the pair's regressed slope β ≈ 1 − φ undoes the dilution); the plain difference x_j + x̃ − x
+    is far from it. A stamped patch lands where it was (over the image's own strokes there, as
+    the corruption is added), the rest of the image kept."""
+    x = load_dataset("digits").x_train[:33]
+    pair, others = x[:1], x[1:]
+    blend = blend_trigger((1, 16, 16), visibility=0.5)
+    carried = carried_pairs(pair, blend.apply(pair), others)
+    error = (carried - blend.apply(others)).abs()
+    plain = (others + blend.apply(pair) - pair).clamp(0, 1)
+    assert error.mean() < 0.02 and error.max() < 0.1, (error.mean(), error.max())
+    assert (plain - blend.apply(others)).abs().mean() > 5 * error.mean()
+    patch = badnets_trigger((1, 16, 16), size=3)
+    stamped = carried_pairs(pair, patch.apply(pair), others)
+    inside = patch.mask.expand_as(others) > 0
+    assert (stamped - patch.apply(others))[inside].abs().mean() < 0.03
+    assert (stamped - others)[~inside].abs().max() < 0.1
 
 
 def test_an_edit_that_cannot_beat_no_edit_leaves_the_layer_as_it_was():

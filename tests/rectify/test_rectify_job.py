@@ -10,7 +10,7 @@ import torch
 
 from offline.datasets import load_dataset
 from offline.defects import Trigger
-from offline.rectify import RectifyError, rectify_from_files, rectify_images
+from offline.rectify import TRANSPLANT_SAMPLES, RectifyError, rectify_from_files, rectify_images
 from repair.bundle import Bundle
 from repair.bundle import copy_bundle as _copy_bundle
 from repair.editing.dynamic import MIN_GAIN, STRESS, stressed_pairs
@@ -39,55 +39,74 @@ def _png(t, path):
     return path
 
 
-@pytest.fixture(scope="module")
-def rectified(digits_vit_blend, tmp_path_factory):
-    """One dynamic n=1 rectification of a copy of the shared digits ViT Blend bundle."""
-    dst = tmp_path_factory.mktemp("rect") / "bundle"
-    _copy_bundle(digits_vit_blend, dst)
+def _rectified(source, root, **options):
+    """One dynamic n=1 rectification of a copy of ``source`` (the digits ViT Blend bundle)."""
+    dst = root / "bundle"
+    _copy_bundle(source, dst)
     clean, corrupt, label, trig, data = _pair(dst)
     parent = Bundle(dst).version()
     parent_digest = _digest(parent.path / "model.safetensors")
-    result = rectify_images(dst, clean, corrupt, label=label, progress=False)
+    result = rectify_images(dst, clean, corrupt, label=label, progress=False, **options)
     return dst, parent, parent_digest, result, trig, data, clean, corrupt, label
 
 
+@pytest.fixture(scope="module")
+def rectified(digits_vit_blend, tmp_path_factory):
+    """As `repair-proxy rectify` runs by default: the pair plus transplanted pairs."""
+    return _rectified(digits_vit_blend, tmp_path_factory.mktemp("rect"))
+
+
+@pytest.fixture(scope="module")
+def rectified_alone(digits_vit_blend, tmp_path_factory):
+    """The pair alone (``transplant=0``): the edit moves the backdoor to the pair's class."""
+    return _rectified(digits_vit_blend, tmp_path_factory.mktemp("alone"), transplant=0)
+
+
 def test_digits_vit_n1_meets_issue_numbers(rectified):
-    """Issue 4: n = 1 pair → ASR ≤ 5 %, OA drop ≤ 1 pt on the test split. ASR only: this
-    edit sends most triggered images to the pair's class instead of the target (ASR to the
-    worst class ≈ 1, bench/results/rectify.md, session 22), so the backdoor is moved, not
-    removed; nothing here asserts a repair of the triggered images' labels."""
+    """Issue 4: n = 1 pair → ASR ≤ 5 %, OA drop ≤ 1 pt on the test split, and a repair: the
+    triggered test images go back to their own classes, not to the pair's. With the pair alone
+    (the paper's loop) ASR fell too but 99.9 % of triggered images went to the pair's class and
+    10 % were right (bench/results/rectify.md, session 22); the transplanted pairs
+    (repair.editing.dynamic) measured 69-79 % right, worst class 5.6-10.2 % (session 23)."""
     dst, parent, _, result, trig, data, *_ = rectified
     before, after = parent.build_model(), Bundle(dst).version().build_model()
-    assert attack_success_rate(before, trig.apply(data.x_test), data.y_test, 0) > 0.9
-    asr = attack_success_rate(after, trig.apply(data.x_test), data.y_test, 0)
+    triggered = trig.apply(data.x_test)
+    assert attack_success_rate(before, triggered, data.y_test, 0) > 0.9
+    asr = attack_success_rate(after, triggered, data.y_test, 0)
     drop = accuracy(before, data.x_test, data.y_test) - accuracy(after, data.x_test, data.y_test)
     assert asr <= 0.05, asr
     assert drop <= 0.01, drop
-    assert result["layers"] and result["rounds"] >= 1
+    worst, worst_class = worst_class_asr(after, triggered, data.y_test)
+    assert worst <= 0.2, (worst, worst_class)
+    assert accuracy(after, triggered, data.y_test) >= 0.6
+    meta = Bundle(dst).version().manifest["rectification"]
+    assert result["layers"] and meta["transplant"] == TRANSPLANT_SAMPLES
+    assert result["warnings"] == [] and result["after"]["carried"]["top_share"] < 0.2
 
 
-def test_the_result_warns_when_the_edit_moved_the_backdoor(rectified):
-    """The pair's corruption carried onto clean training images (offline.rectify._carried)
-    warns exactly when the test split shows the backdoor moved to another class: most
-    triggered test images answered with one class other than the target."""
-    dst, parent, _, result, trig, data, _, _, label = rectified
+def test_the_result_warns_when_the_edit_moved_the_backdoor(rectified_alone):
+    """The pair alone moves the backdoor to the pair's class; the corruption carried onto clean
+    training images (offline.rectify._carried) shows it and the result warns, naming the class
+    the triggered test images now go to."""
+    dst, _, _, result, trig, data, _, _, label = rectified_alone
     after = Bundle(dst).version()
     worst, worst_class = worst_class_asr(after.build_model(), trig.apply(data.x_test), data.y_test)
-    moved = worst >= 0.5 and worst_class != 0
-    assert bool(result["warnings"]) == moved, (worst, worst_class, result["after"]["carried"])
+    assert worst >= 0.5 and worst_class == label, (worst, worst_class)
     carried = result["after"]["carried"]
     assert carried["images"] == 256 and result["before"]["carried"]["top_class"] == 0
-    if moved:
-        assert carried["top_class"] == worst_class == label and carried["top_share"] >= 0.5
-        assert f"answered {label}" in result["warnings"][0]
+    assert carried["top_class"] == label and carried["top_share"] >= 0.5
+    assert len(result["warnings"]) == 1 and f"answered {label}" in result["warnings"][0]
     assert after.manifest["rectification"]["warnings"] == result["warnings"]
+    assert after.manifest["rectification"]["transplant"] == 0
 
 
-def test_the_fix_holds_at_twice_the_corruption(rectified):
+def test_the_fix_holds_at_twice_the_corruption(rectified_alone):
     """Stressed pair (x + 2(x̃ − x)): the parent answers it with the target, the new version
     with the clean label, and every kept round that closed the pair's gap lowered the stressed
-    gap too (repair.editing.dynamic)."""
-    dst, parent, _, result, _, _, clean, corrupt, label = rectified
+    gap too (repair.editing.dynamic). The pair alone: at φ = 0.5 the stressed input is the bare
+    trigger, which a repaired model need not answer with the pair's class (with transplanted
+    pairs it does not)."""
+    dst, parent, _, result, _, _, clean, corrupt, label = rectified_alone
     stressed = stressed_pairs(clean[None], corrupt[None])
     with torch.no_grad():
         assert parent.build_model()(stressed).argmax(-1).item() == 0
@@ -154,6 +173,9 @@ def test_bad_input_is_refused_before_writing(digits_vit_blend, copy_bundle):
     assert "stress must be" in _bad(dst, clean=clean, corrupt=corrupt, stress=float("nan"))
     assert "candidates must be" in _bad(dst, clean=clean, corrupt=corrupt, candidates=0)
     assert "min_gain must" in _bad(dst, clean=clean, corrupt=corrupt, min_gain=float("nan"))
+    assert "transplant must be" in _bad(dst, clean=clean, corrupt=corrupt, transplant=-1)
+    assert "transplant must be" in _bad(dst, clean=clean, corrupt=corrupt, transplant=True)
+    assert "from 0 to 256" in _bad(dst, clean=clean, corrupt=corrupt, transplant=257)
 
 
 def test_from_files_static_mode_edits_the_last_layer(digits_vit_blend, copy_bundle, tmp_path):

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import torch
 
+from offline.rectify import TRANSPLANT_SAMPLES
 from repair.bundle import Bundle
 from repair.editing.dynamic import MIN_GAIN
 from repair.images import decode_image
@@ -251,6 +252,7 @@ def test_rectify_submission_is_queued_not_run(server, reference):
     assert job["params"]["layer"] == "blocks.0.attn.qkv"
     assert job["params"]["stress"] == 2.0   # the defaults reach the worker
     assert job["params"]["candidates"] == 1 and job["params"]["min_gain"] == MIN_GAIN
+    assert job["params"]["transplant"] == TRANSPLANT_SAMPLES
     bad = [({"clean": b64png(x[0]), "corrupt": b64png(x[0])}, "identical"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "label": 10}, "out of range"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "budget": 2}, "budget"),
@@ -258,6 +260,8 @@ def test_rectify_submission_is_queued_not_run(server, reference):
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "stress": 0.5}, "stress"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "candidates": 0}, "candidates"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "min_gain": 1}, "min_gain"),
+           ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "transplant": -1}, "transplant"),
+           ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "transplant": 1.5}, "transplant"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "layer": "blocks.9.fc"}, "not an editable layer"),
            ({"clean": b64png(x[0])}, "corrupt"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "label": True}, "label.0: Input should be a valid integer"),
