@@ -47,7 +47,7 @@ MOVED_SHARE = 0.5
 # Clean training images (right after the anchors) that each receive one pair's corruption and
 # join the pairs (`repair.editing.dynamic`, "Transplanted pairs"): without them one pair's edit
 # moves the backdoor to the pair's class. 16 with one digits ViT pair: ASR to the worst class
-# 5.6-10.2 % instead of 99.9 %, at 10-39 s a rectification on 1 thread.
+# 8.0-13.8 % instead of 99.9 %, at 8-29 s a rectification on 1 thread (session 23).
 TRANSPLANT_SAMPLES = 16
 
 
