@@ -67,7 +67,7 @@ def test_digits_vit_n1_meets_issue_numbers(rectified):
     triggered test images go back to their own classes, not to the pair's. With the pair alone
     (the paper's loop) ASR fell too but 99.9 % of triggered images went to the pair's class and
     10 % were right (bench/results/rectify.md, session 22); the transplanted pairs
-    (repair.editing.dynamic) measured 69-79 % right, worst class 5.6-10.2 % (session 23)."""
+    (repair.editing.dynamic) measured 63-74 % right, worst class 8.0-13.8 % (session 23)."""
     dst, parent, _, result, trig, data, *_ = rectified
     before, after = parent.build_model(), Bundle(dst).version().build_model()
     triggered = trig.apply(data.x_test)
