@@ -3,8 +3,9 @@
 On Blend φ=0.5 zoo models: for n = 1 (several trials, one pair each) and n = 20 pairs, overall
 accuracy (OA, test split) and attack success rate (ASR, test split with the trigger) after
 dynamic rectification (Algorithm 1 with the stressed and the transplanted pairs, the default,
-and ``dynamic-paper`` without them: :mod:`repair.editing.dynamic`), static rectification (last layer) and fine-tuning
-the last layer (§11), all with budget ε = 1 pt on a validation split of the training data. The
+and ``dynamic-paper`` without them: :mod:`repair.editing.dynamic`), static rectification (last
+layer) and fine-tuning the last layer (§11), all with budget ε = 1 pt on a validation split of
+the training data. The
 dynamic runs also report ASR at other trigger visibilities (Table 2 generalisation).
 
     .venv/bin/python bench/rectify.py --arch vit --cache /tmp/rect-bench

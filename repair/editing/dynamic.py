@@ -73,7 +73,7 @@ from repair.editing.keystats import LayerStats
 from repair.editing.layers import EditableLayer
 from repair.editing.localization import locate
 from repair.editing.rank_one import RankOneEdit, rank_one_edit
-from repair.metrics import accuracy
+from repair.metrics import accuracy, predict
 
 STRESS = 2.0  # the stressed pairs' amplification of the corruption (module docstring)
 # Algorithm 1 has no round limit: the gaps, the budget and `patience` end the loop. This is
@@ -134,11 +134,9 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
     if candidates < 1:
         raise ValueError(f"candidates must be at least 1, got {candidates}")
     if transplant is not None and len(transplant):
-        with torch.no_grad():
-            answers = model(transplant).argmax(-1)
         clean, corrupt, labels = (torch.cat([clean, transplant]),
                                   torch.cat([corrupt, carried_pairs(clean, corrupt, transplant)]),
-                                  torch.cat([labels, answers.to(labels)]))
+                                  torch.cat([labels, predict(model, transplant).to(labels)]))
     names = list(layers)
     fixed = layer or (names[-1] if static else None)
     rounds = 1 if static else max_rounds
