@@ -5,8 +5,8 @@ accuracy (OA, test split) and attack success rate (ASR, test split with the trig
 dynamic rectification (Algorithm 1 with the stressed and the transplanted pairs, the default,
 and ``dynamic-paper`` without them: :mod:`repair.editing.dynamic`), static rectification (last
 layer) and fine-tuning the last layer (§11), all with budget ε = 1 pt on a validation split of
-the training data. The
-dynamic runs also report ASR at other trigger visibilities (Table 2 generalisation).
+the training data. The dynamic runs also report ASR at other trigger visibilities (Table 2
+generalisation).
 
     .venv/bin/python bench/rectify.py --arch vit --cache /tmp/rect-bench
 """
