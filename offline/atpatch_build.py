@@ -282,7 +282,11 @@ def _warnings(kind: str, unpatched: dict, patched: dict) -> list[str]:
 # the same ASR (0 %), and on Fashion-MNIST BadNets 0.3 pt; choosing per build by held-out ASR picked
 # masked on one or two held-out samples' difference and paid that accuracy. Fairness: masked
 # (Q_k = 0); the issue's Adult measurement: replacing the sex column with Q left UF at 5.7 %,
-# masking it gave 0.0 %, because Q still carries the token's value to [CLS].
+# masking it gave 0.0 %, because Q still carries the token's value to [CLS]. Measured beside it, not
+# served (bench/atpatch_tabular.py, whole test sets): answering the gated rows with the model's
+# probabilities averaged over the protected values, weighted by their training shares, costs less on
+# four of six (COMPAS sex 0.0 pt instead of −0.72) and more on two (Adult age −0.51 instead of
+# −0.33, COMPAS race −0.40 instead of −0.24): no better as a rule, and it leaves attention alone.
 VARIANT_BY_KIND = {"backdoor": "replace", "fairness": "masked"}
 
 

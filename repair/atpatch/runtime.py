@@ -93,10 +93,10 @@ class CounterfactualGate:
 
     Why: the Detector cannot tell such rows from attention (the protected token draws no excess
     attention; it flags the token on every row), and masking it on every row costs accuracy where
-    the answer never depended on it. Measured on the zoo models (2000 test rows, the protected
-    token masked at every layer; UF 0 either way): Adult race/sex/age/all three −0.3/−0.1/+0.4/−0.8
-    pt on every row, −0.1/−0.05/+0.4/+0.05 pt gated; COMPAS sex −1.45 → −0.72 pt, race −0.24 pt
-    and race+sex −0.97 pt either way (bench/results/atpatch_tabular.md). Cost: one bare forward of
+    the answer never depended on it. Measured on the zoo models (whole test sets, the protected
+    token masked at every layer; UF 0 either way): Adult race/sex/age −0.4/−0.31/−0.33 pt on every
+    row, −0.12/−0.19/−0.33 pt gated; COMPAS sex −1.45 → −0.72 pt, race −0.24 pt and race+sex
+    −0.97 pt either way (bench/results/atpatch_tabular.md). Cost: one bare forward of
     (K + 1)·B rows per request, K the number of value combinations (60 for Adult's three)."""
 
     name = "counterfactual"   # manifest ``row_gate``
