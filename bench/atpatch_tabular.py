@@ -38,7 +38,7 @@ class MarginalAnswer(torch.nn.Module):
 
     def __init__(self, model, gate: CounterfactualGate, x_train: torch.Tensor):
         super().__init__()
-        self.model, self.gate, self.inner = model, gate, model
+        self.model, self.gate = model, gate
         share = [(x_train[:, gate.columns] == combo).all(1).float().mean() for combo in gate.combos]
         self.weights = torch.stack(share) / sum(share)
 

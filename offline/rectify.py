@@ -47,7 +47,8 @@ MOVED_SHARE = 0.5
 # Clean training images (right after the anchors) that each receive one pair's corruption and
 # join the pairs (`repair.editing.dynamic`, "Transplanted pairs"): without them one pair's edit
 # moves the backdoor to the pair's class. 16 with one digits ViT pair: ASR to the worst class
-# 8.0-13.8 % instead of 99.9 %, at 8-29 s a rectification on 1 thread (session 23).
+# 8.0-13.8 % instead of 99.9 %, at 8-29 s a rectification on 1 thread (session 23). Not on every
+# model: Fashion-MNIST ResNet-18, one pair, ASR 13-18 % with them, 2.1 % without (session 24).
 TRANSPLANT_SAMPLES = 16
 
 
