@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transplant", type=int,
                    help="clean training images that receive the pairs' corruption and join the "
                         "pairs, so the edit removes the trigger rather than mapping it to the "
-                        "pairs' class; 0: the pairs alone, as in the paper (default 16)")
+                        "pairs' class; 0: the pairs alone, as in the paper (default 64)")
     p.add_argument("--static", action="store_true", help="edit one fixed layer (the last)")
     p.add_argument("--layer", help="edit this layer instead of localising one")
     p.set_defaults(func=_rectify)

@@ -117,7 +117,7 @@ def main():
 
     arch_name = ARCH_NAMES[a.arch]
     md = [f"# Trigger-location generalisation (Table 3), digits {arch_name}, BadNets at five locations", "",
-          f"Command: `{command}` ({a.threads} CPU thread(s), under `nice`).", "",
+          f"Command: `{command}` ({a.threads} CPU thread(s)).", "",
           f"| method (n = {a.n}, BR {'pair' if a.n == 1 else 'pairs'}) | OA | OA drop (pt) | " + cols
           + " | Γ, worst class (class) |",
           "| --- | --- | --- | " + " | ".join("---" for _ in LOCATIONS) + " | --- |",

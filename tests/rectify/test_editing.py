@@ -1,6 +1,7 @@
 """Editable layers, key statistics, the rank-one direction and localization (unit level)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from offline.datasets import load_dataset
@@ -257,10 +258,10 @@ def test_a_pairs_corruption_carried_onto_other_images_is_the_same_trigger_on_the
 
 
 def test_an_edit_that_cannot_beat_no_edit_leaves_the_layer_as_it_was():
-    """Adam at lr 0.1 moves every entry of Λ by about 0.1 in its first steps: where the pair's
-    loss is already small, a few steps only overshoot. The edit then stays at Λ = 0 instead of
-    keeping the worse Λ (such an edit raised a late round's gap on the digits ViT from 0.015 to
-    0.46); given the steps, it fits."""
+    """Adam (``optimizer="adam"``) at lr 0.1 moves every entry of Λ by about 0.1 in its first
+    steps: where the pair's loss is already small, a few steps only overshoot. The edit then
+    stays at Λ = 0 instead of keeping the worse Λ (such an edit raised a late round's gap on the
+    digits ViT from 0.015 to 0.46); given the steps (L-BFGS, the default), it fits."""
     from repair.editing.rank_one import rank_one_edit
 
     model = _vit()
@@ -269,6 +270,16 @@ def test_an_edit_that_cannot_beat_no_edit_leaves_the_layer_as_it_was():
     x = torch.rand(2, 1, 16, 16)
     fitted = rank_one_edit(model, layer, _fc1_stats(), x, x.flip(-1), steps=300, apply=False)
     assert fitted.lam.abs().max() > 0 and fitted.loss_after < 0.5 * fitted.loss_before
-    overshot = rank_one_edit(model, layer, _fc1_stats(), x, x.flip(-1), steps=5)
+    overshot = rank_one_edit(model, layer, _fc1_stats(), x, x.flip(-1), steps=5, optimizer="adam")
     assert overshot.loss_after == overshot.loss_before > 0
     assert torch.count_nonzero(overshot.lam) == 0 and torch.equal(layer.module.weight, before)
+
+
+def test_an_unknown_optimizer_is_a_clear_error():
+    from repair.editing.rank_one import rank_one_edit
+
+    model = _vit()
+    layer = editable_layers(model)["blocks.0.mlp.fc1"]
+    x = torch.rand(2, 1, 16, 16)
+    with pytest.raises(ValueError, match="optimizer must be 'lbfgs' or 'adam', got 'sgd'"):
+        rank_one_edit(model, layer, _fc1_stats(), x, x.flip(-1), optimizer="sgd")

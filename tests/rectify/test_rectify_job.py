@@ -66,8 +66,9 @@ def test_digits_vit_n1_meets_issue_numbers(rectified):
     """Issue 4: n = 1 pair → ASR ≤ 5 %, OA drop ≤ 1 pt on the test split, and a repair: the
     triggered test images go back to their own classes, not to the pair's. With the pair alone
     (the paper's loop) ASR fell too but 99.9 % of triggered images went to the pair's class and
-    10 % were right (bench/results/rectify.md, session 22); the transplanted pairs
-    (repair.editing.dynamic) measured 63-74 % right, worst class 8.0-13.8 % (session 23)."""
+    10 % were right (bench/results/rectify.md, session 22); 16 transplanted pairs
+    (repair.editing.dynamic) 63-74 % right, worst class 8.0-13.8 % (session 23); 64 of them, the
+    default since session 25, 86-88 % right, worst class 2-4 % (this pair: 87 %, 3.1 %)."""
     dst, parent, _, result, trig, data, *_ = rectified
     before, after = parent.build_model(), Bundle(dst).version().build_model()
     triggered = trig.apply(data.x_test)
@@ -77,8 +78,8 @@ def test_digits_vit_n1_meets_issue_numbers(rectified):
     assert asr <= 0.05, asr
     assert drop <= 0.01, drop
     worst, worst_class = worst_class_asr(after, triggered, data.y_test)
-    assert worst <= 0.2, (worst, worst_class)
-    assert accuracy(after, triggered, data.y_test) >= 0.6
+    assert worst <= 0.1, (worst, worst_class)
+    assert accuracy(after, triggered, data.y_test) >= 0.8
     meta = Bundle(dst).version().manifest["rectification"]
     assert result["layers"] and meta["transplant"] == TRANSPLANT_SAMPLES
     assert result["warnings"] == [] and result["after"]["carried"]["top_share"] < 0.2
