@@ -67,7 +67,8 @@ def _rectify(a):
                                 budget=a.budget, gap=a.gap, static=a.static, layer=a.layer,
                                 validation=validation, stress=stress, candidates=a.candidates,
                                 min_gain=MIN_GAIN if a.min_gain is None else a.min_gain,
-                                transplant=TRANSPLANT_SAMPLES if a.transplant is None else a.transplant)
+                                transplant=TRANSPLANT_SAMPLES if a.transplant is None else a.transplant,
+                                hold_anchors=a.hold_anchors)
     print(json.dumps(result))
 
 
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clean training images that receive the pairs' corruption and join the "
                         "pairs, so the edit removes the trigger rather than mapping it to the "
                         "pairs' class; 0: the pairs alone, as in the paper (default 64)")
+    p.add_argument("--hold-anchors", action="store_true",
+                   help="hold clean training images in place in every round, not only when a "
+                        "round broke the budget: for models whose first edit spends the budget")
     p.add_argument("--static", action="store_true", help="edit one fixed layer (the last)")
     p.add_argument("--layer", help="edit this layer instead of localising one")
     p.set_defaults(func=_rectify)

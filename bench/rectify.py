@@ -32,7 +32,7 @@ VISIBILITIES = (0.3, 0.7, 1.0)
 
 def run(setup: Setup, method: str, n: int, trial: int, budget: float, **dynamic) -> dict:
     """One method on one trial's pairs; ``dynamic``: options of the stressed loop only
-    (``candidates``, ``min_gain``)."""
+    (``candidates``, ``min_gain``, ``hold_anchors``)."""
     setup.reset()
     clean, corrupt, labels = setup.pairs(n, trial)
     started = time.perf_counter()
@@ -75,8 +75,10 @@ def main():
                     help="layers of Ĝ's top a dynamic round tries (rectify(candidates=...))")
     ap.add_argument("--min-gain", type=float, default=MIN_GAIN,
                     help="relative lowering of δ* a dynamic round must bring")
+    ap.add_argument("--hold-anchors", action="store_true",
+                    help="the dynamic loop holds the anchors in every round (rectify(hold_anchors=True))")
     a = ap.parse_args()
-    dynamic = {"candidates": a.candidates, "min_gain": a.min_gain}
+    dynamic = {"candidates": a.candidates, "min_gain": a.min_gain, "hold_anchors": a.hold_anchors}
     torch.set_num_threads(a.threads)
     name = f"{a.dataset}-{a.arch}-blend" + (f"-{a.max_train}" if a.max_train else "")
     bundle = ensure_bundle(Path(a.cache) / name, a.arch, a.dataset, max_train=a.max_train,
@@ -101,6 +103,8 @@ def main():
         name += f"_val{a.validation}"
     if a.candidates != 1:
         name += f"_candidates{a.candidates}"
+    if a.hold_anchors:
+        name += "_hold"
     if a.n:  # a pair-count sweep, beside the default (1, 20) run
         name += "_n" + "-".join(map(str, counts))
     md = [f"# Rectification, {a.dataset} {a.arch}, Blend φ=0.5 (target 0)", "",
@@ -120,7 +124,8 @@ def main():
           f"n=1 averaged over {a.trials} pair(s) (one per trial), each larger n over "
           f"{a.large_trials} set(s) of pairs. The dynamic loop (stressed pairs, "
           f"{TRANSPLANT_SAMPLES} transplanted pairs) tries "
-          f"{a.candidates} of Ĝ's top layers per round, min_gain {a.min_gain}; dynamic-paper is "
+          f"{a.candidates} of Ĝ's top layers per round, min_gain {a.min_gain}"
+          f"{', the anchors held in every round' if a.hold_anchors else ''}; dynamic-paper is "
           "Algorithm 1 as published. OA drop in points of accuracy × 100.", "",
           "| method | OA | OA drop (pt) | ASR | ASR, clean ≠ target | OA, triggered | ASR, worst class "
           "| ASR φ=0.3 | ASR φ=0.7 | ASR φ=1.0 |",

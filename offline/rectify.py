@@ -123,7 +123,7 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
                    activate: bool = True, epochs: int = 100, max_rounds: int = MAX_ROUNDS,
                    device: str = "cpu", validation: int = VALIDATION_SAMPLES,
                    stress: float = STRESS, candidates: int = 1, min_gain: float = MIN_GAIN,
-                   transplant: int = TRANSPLANT_SAMPLES) -> dict:
+                   transplant: int = TRANSPLANT_SAMPLES, hold_anchors: bool = False) -> dict:
     """Rectify the current version with the pair(s) ``(clean, corrupt)``; see module docstring.
 
     ``clean``/``corrupt``: ``(C, H, W)`` in [0, 1] at the model's input size (or ``(n, C, H, W)``
@@ -135,6 +135,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     ``Ĝ``'s top layers a round tries (1: Algorithm 1's argmax); ``min_gain``: the relative
     lowering of the gap a round must bring. ``transplant``: how many clean training images
     receive the pairs' corruption and join the pairs (0: the pairs alone, as in the paper).
+    ``hold_anchors``: hold the anchors in every round, not only in the retry of a round that
+    broke the budget (:mod:`repair.editing.dynamic`; for models whose first edit spends it).
     The result's ``before`` / ``after`` hold ``carried`` (the pairs' corruption on clean
     training images: :func:`_carried`) and ``warnings`` says when the edit seems to have moved
     the backdoor to another class rather than removed it.
@@ -164,6 +166,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
             or not 0 <= transplant <= MAX_TRANSPLANT):
         raise RectifyError(f"transplant must be a whole number of images from 0 to {MAX_TRANSPLANT}, "
                            f"got {transplant!r}")
+    if not isinstance(hold_anchors, bool):
+        raise RectifyError(f"hold_anchors must be true or false, got {hold_anchors!r}")
     model = parent.build_model(device)
     layers = editable_layers(model)
     if layer is not None and layer not in layers:
@@ -203,7 +207,7 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
                       budget=budget, gap=gap, epochs=epochs, max_rounds=max_rounds, static=static,
                       layer=layer, progress=progress, anchors=x_train[:ANCHOR_SAMPLES].to(device),
                       stress=stress or None, candidates=int(candidates), min_gain=min_gain,
-                      transplant=transplant_x)
+                      transplant=transplant_x, hold_anchors=hold_anchors)
 
     pairs = [{"clean": _pair_hash(c), "corrupt": _pair_hash(k)} for c, k in zip(clean_b, corrupt_b)]
     edits = [{"method": "rank-one", "layer": e.layer, "round": i + 1,
@@ -234,6 +238,7 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
                                  "budget": budget, "gap": gap, "validation": int(validation),
                                  "stress": stress, "candidates": int(candidates),
                                  "min_gain": min_gain, "transplant": len(transplant_x),
+                                 "hold_anchors": hold_anchors,
                                  "labels": labels.tolist(),
                                  "pairs": pairs, "rounds": rounds, "before": before, "after": after,
                                  "warnings": warnings}

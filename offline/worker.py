@@ -185,6 +185,7 @@ def run_job(store: JobStore, job: dict) -> dict:
                                 candidates=params.get("candidates", 1),
                                 min_gain=params.get("min_gain", MIN_GAIN),
                                 transplant=params.get("transplant", TRANSPLANT_SAMPLES),
+                                hold_anchors=params.get("hold_anchors", False),
                                 progress=False, activate=True)
     except WorkerStopped:
         store.update(job, status="queued", note="requeued: the worker was stopped mid-job")

@@ -90,6 +90,9 @@ class RectifyRequest(BaseModel):
     transplant: int = Field(default=TRANSPLANT_SAMPLES, ge=0, le=MAX_TRANSPLANT,
                             description="clean training images that receive the pairs' corruption "
                                         "and join the pairs; 0: the pairs alone (the paper)")
+    hold_anchors: bool = Field(default=False,
+                               description="hold clean training images in place in every round, "
+                                           "not only when a round broke the budget")
     static: bool = False
     layer: str | None = Field(default=None, max_length=200)
 

@@ -186,6 +186,30 @@ def test_a_round_that_breaks_the_budget_is_retried_with_clean_inputs_held(digits
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
+def test_held_anchors_are_held_in_rounds_within_the_budget(digits_vit_blend):
+    """``hold_anchors``: a round within the budget is fitted with the anchors held too (by
+    default only the retry of a round that broke it is), so it moves their logits less."""
+    from repair.editing.dynamic import rectify
+
+    model, data, trig, layers, stats, other = _blend_model(digits_vit_blend)
+    clean, label = data.x_train[other][:1], data.y_train[other][:1]
+    corrupt, anchors = trig.apply(clean), data.x_train[:64]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(anchors)
+    moved, anchored = {}, {}
+    for hold in (False, True):
+        model.load_state_dict(weights)
+        out = rectify(model, layers, stats, clean, corrupt, label, data.x_train[-200:],
+                      data.y_train[-200:], budget=0.99, layer="blocks.0.attn.proj", max_rounds=1,
+                      anchors=anchors, stress=None, hold_anchors=hold, progress=False)
+        with torch.no_grad():
+            moved[hold] = (model(anchors) - before).pow(2).mean().item()
+        anchored[hold] = [r.anchored for r in out.rounds]
+    assert anchored == {False: [False], True: [True]}
+    assert 0 < moved[True] < 0.5 * moved[False]
+
+
 def test_each_round_keeps_the_candidate_that_leaves_the_stressed_gap_lowest(digits_vit_blend):
     """``candidates`` = 3: every round edits Ĝ's three top fresh layers in turn from the same
     model; the one kept is, among those within the budget that lowered the gap by ``min_gain``,

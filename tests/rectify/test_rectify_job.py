@@ -177,6 +177,7 @@ def test_bad_input_is_refused_before_writing(digits_vit_blend, copy_bundle):
     assert "transplant must be" in _bad(dst, clean=clean, corrupt=corrupt, transplant=-1)
     assert "transplant must be" in _bad(dst, clean=clean, corrupt=corrupt, transplant=True)
     assert "from 0 to 256" in _bad(dst, clean=clean, corrupt=corrupt, transplant=257)
+    assert "hold_anchors must be" in _bad(dst, clean=clean, corrupt=corrupt, hold_anchors="yes")
 
 
 def test_from_files_static_mode_edits_the_last_layer(digits_vit_blend, copy_bundle, tmp_path):

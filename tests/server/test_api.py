@@ -252,7 +252,7 @@ def test_rectify_submission_is_queued_not_run(server, reference):
     assert job["params"]["layer"] == "blocks.0.attn.qkv"
     assert job["params"]["stress"] == 2.0   # the defaults reach the worker
     assert job["params"]["candidates"] == 1 and job["params"]["min_gain"] == MIN_GAIN
-    assert job["params"]["transplant"] == TRANSPLANT_SAMPLES
+    assert job["params"]["transplant"] == TRANSPLANT_SAMPLES and job["params"]["hold_anchors"] is False
     bad = [({"clean": b64png(x[0]), "corrupt": b64png(x[0])}, "identical"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "label": 10}, "out of range"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "budget": 2}, "budget"),
