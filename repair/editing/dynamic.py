@@ -141,7 +141,8 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
     ``transplant``: clean inputs that each receive one pair's corruption (the pairs in turn) and
     join the pairs with the model's answers as labels (None: the pairs alone; all four in the
     module docstring); ``hold_anchors``: hold the anchors in every round, not only in the retry
-    of one that broke the budget (module docstring). The outcome's gaps are over all pairs, transplanted ones included."""
+    of one that broke the budget (module docstring). The outcome's gaps are over all pairs,
+    transplanted ones included."""
     if candidates < 1:
         raise ValueError(f"candidates must be at least 1, got {candidates}")
     if transplant is not None and len(transplant):
