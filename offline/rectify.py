@@ -47,9 +47,9 @@ MOVED_SHARE = 0.5
 # Clean training images (right after the anchors) that each receive one pair's corruption and
 # join the pairs (`repair.editing.dynamic`, "Transplanted pairs"): without them one pair's edit
 # moves the backdoor to the pair's class. More of them generalise better, at the cost of every
-# optimisation step reading them (session 25, one pair, L-BFGS): digits ViT 16 → 64: triggered
-# test images right 63-74 → 86-88 %; Fashion-MNIST ResNet-18 ASR 13-18 % (16) → 4-7 % (64),
-# 9 % with 128 (one pair).
+# optimisation step reading them (one pair; 16 with Adam, session 23-24; 64 and 128 with L-BFGS,
+# session 25): digits ViT 16 → 64: triggered test images right 63-74 → 86-88 %; Fashion-MNIST
+# ResNet-18 ASR 13-18 % (16) → 3.7-6.9 % (64), 8.1 % with 128 (one pair).
 TRANSPLANT_SAMPLES = 64
 
 

@@ -139,12 +139,13 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
     the pair alone); ``candidates``: how many of ``Ĝ``'s top layers a round edits in turn,
     keeping the one that leaves the stressed gap lowest (1: Algorithm 1's argmax);
     ``transplant``: clean inputs that each receive one pair's corruption (the pairs in turn) and
-    join the pairs with the model's answers as labels (None: the pairs alone; all four in the
-    module docstring); ``hold_anchors``: hold the anchors in every round, not only in the retry
-    of one that broke the budget (module docstring). The outcome's gaps are over all pairs,
-    transplanted ones included."""
+    join the pairs with the model's answers as labels (None: the pairs alone); ``hold_anchors``: hold the anchors in every round, not only in the retry
+    of one that broke the budget (each in the module docstring). The outcome's gaps are over
+    all pairs, transplanted ones included."""
     if candidates < 1:
         raise ValueError(f"candidates must be at least 1, got {candidates}")
+    if hold_anchors and anchors is None:
+        raise ValueError("hold_anchors needs anchors: the clean inputs to hold in place")
     if transplant is not None and len(transplant):
         clean, corrupt, labels = (torch.cat([clean, transplant]),
                                   torch.cat([corrupt, carried_pairs(clean, corrupt, transplant)]),

@@ -208,6 +208,9 @@ def test_held_anchors_are_held_in_rounds_within_the_budget(digits_vit_blend):
         anchored[hold] = [r.anchored for r in out.rounds]
     assert anchored == {False: [False], True: [True]}
     assert 0 < moved[True] < 0.5 * moved[False]
+    with pytest.raises(ValueError, match="hold_anchors needs anchors"):
+        rectify(model, layers, stats, clean, corrupt, label, data.x_train[-200:],
+                data.y_train[-200:], anchors=None, hold_anchors=True, progress=False)
 
 
 def test_each_round_keeps_the_candidate_that_leaves_the_stressed_gap_lowest(digits_vit_blend):
