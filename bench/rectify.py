@@ -47,7 +47,7 @@ def run(setup: Setup, method: str, n: int, trial: int, budget: float, **dynamic)
                       transplant=None if method in PAPER_LOOP else setup.transplant,
                       **(dynamic if method == "dynamic" else {}))
         info = {"layers": [e.layer for e in out.edits], "rounds": len(out.rounds),
-                "anchored_rounds": [r.anchored for r in out.rounds],
+                "round_preserve": [r.preserve for r in out.rounds],
                 "completeness_error": [r.completeness_error for r in out.rounds],
                 "round_gaps": [r.gap for r in out.rounds], "round_drops": [r.accuracy_drop for r in out.rounds]}
     seconds = time.perf_counter() - started

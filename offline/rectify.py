@@ -229,8 +229,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
              "carried": _carried(model, clean_b, corrupt_b, carry_x)}
     warnings = _moved_backdoor(carried_before, after["carried"]) if outcome.edits else []
     rounds = [{"layer": r.layer, "accuracy_drop": r.accuracy_drop, "gap": r.gap, "kept": r.kept,
-               "anchored": r.anchored, "stress_gap": r.stress_gap, "round": r.round + 1,
-               "completeness_error": r.completeness_error}
+               "anchored": r.anchored, "preserve": r.preserve, "stress_gap": r.stress_gap,
+               "round": r.round + 1, "completeness_error": r.completeness_error}
               for r in outcome.rounds]
     manifest = {k: v for k, v in parent.manifest.items()
                 if k not in ("id", "parent", "created", "files")}

@@ -53,10 +53,15 @@ additions").
   after ``patience`` such rounds in a row the loop ends. Algorithm 1 then needs no round limit;
   ``max_rounds`` is a safety cap.
 - **A round that breaks the budget is retried** at the same layer with ``anchors`` (a few clean
-  training inputs) held in place, Eq. 1 plus ``preserve`` times their mean squared change, then
-  once more at ``10 × preserve``; only if that breaks it too does the loop stop (line 9). Rounds
-  within the budget are untouched. Why: on the Fashion-MNIST ViT every single-pair edit removed
-  the backdoor but cost 2-20 pt, so every n = 1 run ended in its first round.
+  training inputs) held in place, Eq. 1 plus a weight times their mean squared change, the weight
+  climbing ``preserve`` × ``HOLD_LADDER`` (1, 10, 100, 1000) until the round fits the budget;
+  only if the last rung breaks it too does the loop stop (line 9). Rounds within the budget are
+  untouched. Why: on the Fashion-MNIST ViT every single-pair edit removed the backdoor but cost
+  2-20 pt, so every n = 1 run ended in its first round; a heavier hold fits a smaller edit, and
+  the rounds after it add up. With the ladder stopping at 10, the retrained Fashion-MNIST ViT
+  kept no edit (ASR 100 %); up to 1000, one pair (3 trials) reached ASR 5.8 % at −1.5 pt test OA
+  (−0.85 to −0.95 pt on the validation split the budget reads), and the Fashion-MNIST ResNet-18
+  3.7 % at −0.41 pt (5.2 % at −0.43 pt; session 26).
 - Opt-in, ``candidates`` > 1: a round edits the top ``candidates`` fresh layers of ``Ĝ`` in turn,
   each from the same model, and keeps, among those within the budget that gained, the one that
   leaves the stressed gap lowest (the pair's gap breaks ties). Why: with 20 pairs no round closes
@@ -66,9 +71,11 @@ additions").
 - Opt-in, ``hold_anchors``: every round fits with the anchors held (``preserve``), so each
   spends less of the budget and more rounds fit in it. Why: on the Fashion-MNIST ResNet-18 the
   first round alone cost 0.9-0.95 pt of validation accuracy and every run ended on the 1 pt
-  budget; held in every round, one pair (3 trials) reached ASR 3.0-4.8 % at −0.05 to −0.07 pt
-  instead of 3.7-6.9 % at −0.35 to −0.59 pt. Not the default: each step reads the anchors too
-  (2-3x the time of a rectification there).
+  budget; held in every round, one pair (3 trials, the ladder then stopping at 10) reached ASR
+  3.0-4.8 % at −0.05 to −0.07 pt instead of 3.7-6.9 % at −0.35 to −0.59 pt (the longer ladder
+  alone: 3.1-4.2 % at −0.34 to −0.53 pt). Not the default: each step reads the anchors too
+  (2-3x the time; digits ViT 26-110 s a one-pair run on 1 thread, and the bare trigger answered
+  with the target in 2 of 5 runs, session 26).
 """
 from __future__ import annotations
 
@@ -89,6 +96,9 @@ STRESS = 2.0  # the stressed pairs' amplification of the corruption (module docs
 # a safety cap (rolled-back rounds count); 20 pairs took 33 rounds on the Fashion-MNIST ResNet-18.
 MAX_ROUNDS = 50
 MIN_GAIN = 0.03  # relative lowering of δ* a round must bring to be kept (module docstring)
+# a round that breaks the budget is retried with the anchors held at `preserve` times each of
+# these in turn (module docstring)
+HOLD_LADDER = (1.0, 10.0, 100.0, 1000.0)
 
 
 @torch.no_grad()
@@ -109,6 +119,7 @@ class RoundLog:
     anchored: bool = False   # the retry with clean anchors held in place
     stress_gap: float = 0.0  # the stressed pairs' gap after the round (0 without them)
     round: int = 0           # the round of Algorithm 1; a round's candidates share it
+    preserve: float = 0.0    # the anchors' weight in Eq. 1 of the try logged (0: none)
 
 
 @dataclass
@@ -161,8 +172,12 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
     acc = out.accuracy_before
     spent: set[str] = set()  # layers whose last edit brought no gain
 
-    def attempt(where: str, used: list[torch.Tensor], hold: torch.Tensor | None,
-                weight: float = preserve):
+    # the anchors' weight in each try of a round: none first (unless held in every round),
+    # then up the ladder while the round breaks the budget
+    weights = ([] if hold_anchors else [0.0]) + (
+        [] if anchors is None else [preserve * w for w in HOLD_LADDER])
+
+    def attempt(where: str, used: list[torch.Tensor], hold: torch.Tensor | None, weight: float):
         edit = rank_one_edit(model, layers[where], stats[where], clean, corrupt, steps=epochs, lr=lr,
                              value=value, used=used, tol=tol, anchors=hold,
                              preserve=weight)                                    # line 4
@@ -188,19 +203,14 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
             target = layers[where]
             saved = target.module.weight.detach().clone()
             used = [e.d for e in out.edits if e.layer == where]          # earlier kept d's here
-            held = anchors if hold_anchors else None
-            edit, new_acc, drop, new_gap = attempt(where, used, held)
-            anchored = held is not None
-            if drop > budget and anchors is not None:
-                if held is None:                           # retry the round, clean anchors held
+            for i, weight in enumerate(weights):       # retried up the ladder while it breaks
+                if i:
                     with torch.no_grad():
                         target.module.weight.copy_(saved)
-                    edit, new_acc, drop, new_gap = attempt(where, used, anchors)
-                    anchored = True
-                if drop > budget:                           # once more, the anchors held harder
-                    with torch.no_grad():
-                        target.module.weight.copy_(saved)
-                    edit, new_acc, drop, new_gap = attempt(where, used, anchors, 10 * preserve)
+                edit, new_acc, drop, new_gap = attempt(where, used, anchors if weight else None,
+                                                       weight)
+                if drop <= budget:
+                    break
             within = drop <= budget                                      # line 7
             broke += not within
             new_stress_gap = _gap_or_zero(model, clean, stressed)
@@ -210,8 +220,8 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
                 new_gap > gap or improved(stress_gap, new_stress_gap))
             out.rounds.append(RoundLog(where, drop, new_gap, False,
                                        found.completeness_error if found else None,
-                                       found.scores if found else None, anchored, new_stress_gap,
-                                       step))
+                                       found.scores if found else None, weight > 0,
+                                       new_stress_gap, step, weight))
             if within and gained and (best is None or (new_stress_gap, new_gap) <
                                       (best[0].stress_gap, best[0].gap)):
                 best = (out.rounds[-1], edit, target.module.weight.detach().clone(), new_acc)

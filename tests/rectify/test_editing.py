@@ -6,7 +6,7 @@ import torch
 
 from offline.datasets import load_dataset
 from offline.defects import badnets_trigger, blend_trigger
-from repair.editing.dynamic import carried_pairs, stressed_pairs
+from repair.editing.dynamic import HOLD_LADDER, carried_pairs, stressed_pairs
 from repair.editing.keystats import compute_keystats
 from repair.editing.layers import (capture_inputs_outputs, editable_layers, rank_one_hook,
                                    resolve_layer, LayerError)
@@ -183,7 +183,39 @@ def test_a_round_that_breaks_the_budget_is_retried_with_clean_inputs_held(digits
                   data.y_train[-200:], budget=-1.0, anchors=anchors,
                   epochs=100, progress=False)
     assert [(r.anchored, r.kept) for r in out.rounds] == [(True, False)] and out.edits == []
+    assert out.rounds[0].preserve == HOLD_LADDER[-1]  # every rung tried, the last one logged
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_a_round_climbs_the_ladder_until_it_fits_the_budget(digits_vit_blend):
+    """A round that breaks the budget unanchored and with the anchors held at 1 and 10 (where
+    the loop used to stop) is retried at 100, then 1000: the try logged is the first rung within
+    the budget, the same edit as ``rank_one_edit`` with that weight."""
+    from repair.editing.dynamic import rectify
+    from repair.editing.rank_one import rank_one_edit
+    from repair.metrics import accuracy
+
+    model, data, trig, layers, stats, other = _blend_model(digits_vit_blend)
+    clean, label = data.x_train[other][:1], data.y_train[other][:1]
+    corrupt, anchors = trig.apply(clean), data.x_train[:64]
+    val_x, val_y = data.x_train[-200:], data.y_train[-200:]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    base = accuracy(model, val_x, val_y)
+    name, drops = "blocks.1.attn.qkv", {}  # its plain edit costs this model ~95 pt
+    for w in (0.0, *HOLD_LADDER):
+        model.load_state_dict(weights)
+        rank_one_edit(model, layers[name], stats[name], clean, corrupt,
+                      anchors=anchors if w else None, preserve=w)
+        drops[w] = base - accuracy(model, val_x, val_y)
+    budget = min(drops[0.0], drops[1.0], drops[10.0]) - 1e-3  # the old ladder's tries all break it
+    first = next(w for w in HOLD_LADDER[2:] if drops[w] <= budget)
+    model.load_state_dict(weights)
+    out = rectify(model, layers, stats, clean, corrupt, label, val_x, val_y, budget=budget,
+                  layer=name, max_rounds=1, anchors=anchors, stress=None, progress=False)
+    (logged,) = out.rounds
+    assert logged.preserve == first and logged.anchored
+    assert logged.accuracy_drop == pytest.approx(drops[first]) and logged.accuracy_drop <= budget
+    assert logged.kept and len(out.edits) == 1
 
 
 def test_held_anchors_are_held_in_rounds_within_the_budget(digits_vit_blend):
