@@ -208,6 +208,7 @@ def test_a_round_climbs_the_ladder_until_it_fits_the_budget(digits_vit_blend):
                       anchors=anchors if w else None, preserve=w)
         drops[w] = base - accuracy(model, val_x, val_y)
     budget = min(drops[0.0], drops[1.0], drops[10.0]) - 1e-3  # the old ladder's tries all break it
+    assert budget > 0, drops  # else this model's edit at 10 costs nothing: no ladder to climb
     first = next(w for w in HOLD_LADDER[2:] if drops[w] <= budget)
     model.load_state_dict(weights)
     out = rectify(model, layers, stats, clean, corrupt, label, val_x, val_y, budget=budget,
