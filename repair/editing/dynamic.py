@@ -116,10 +116,14 @@ class RoundLog:
     kept: bool
     completeness_error: float | None = None
     scores: dict[str, float] | None = None
-    anchored: bool = False   # the retry with clean anchors held in place
     stress_gap: float = 0.0  # the stressed pairs' gap after the round (0 without them)
     round: int = 0           # the round of Algorithm 1; a round's candidates share it
     preserve: float = 0.0    # the anchors' weight in Eq. 1 of the try logged (0: none)
+
+    @property
+    def anchored(self) -> bool:
+        """The try logged held the clean anchors in place."""
+        return self.preserve > 0
 
 
 @dataclass
@@ -177,9 +181,9 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
     weights = ([] if hold_anchors else [0.0]) + (
         [] if anchors is None else [preserve * w for w in HOLD_LADDER])
 
-    def attempt(where: str, used: list[torch.Tensor], hold: torch.Tensor | None, weight: float):
+    def attempt(where: str, used: list[torch.Tensor], weight: float):
         edit = rank_one_edit(model, layers[where], stats[where], clean, corrupt, steps=epochs, lr=lr,
-                             value=value, used=used, tol=tol, anchors=hold,
+                             value=value, used=used, tol=tol, anchors=anchors if weight else None,
                              preserve=weight)                                    # line 4
         new_acc = accuracy(model, val_x, val_y)
         drop = out.accuracy_before - new_acc                                     # line 5
@@ -207,8 +211,7 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
                 if i:
                     with torch.no_grad():
                         target.module.weight.copy_(saved)
-                edit, new_acc, drop, new_gap = attempt(where, used, anchors if weight else None,
-                                                       weight)
+                edit, new_acc, drop, new_gap = attempt(where, used, weight)
                 if drop <= budget:
                     break
             within = drop <= budget                                      # line 7
@@ -220,8 +223,8 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
                 new_gap > gap or improved(stress_gap, new_stress_gap))
             out.rounds.append(RoundLog(where, drop, new_gap, False,
                                        found.completeness_error if found else None,
-                                       found.scores if found else None, weight > 0,
-                                       new_stress_gap, step, weight))
+                                       found.scores if found else None, new_stress_gap, step,
+                                       weight))
             if within and gained and (best is None or (new_stress_gap, new_gap) <
                                       (best[0].stress_gap, best[0].gap)):
                 best = (out.rounds[-1], edit, target.module.weight.detach().clone(), new_acc)
