@@ -68,7 +68,7 @@ def _rectify(a):
                                 validation=validation, stress=stress, candidates=a.candidates,
                                 min_gain=MIN_GAIN if a.min_gain is None else a.min_gain,
                                 transplant=TRANSPLANT_SAMPLES if a.transplant is None else a.transplant,
-                                hold_anchors=a.hold_anchors)
+                                hold_anchors=a.hold_anchors, confirm=a.confirm)
     print(json.dumps(result))
 
 
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hold-anchors", action="store_true",
                    help="hold clean training images in place in every round, not only when a "
                         "round broke the budget: for models whose first edit spends the budget")
+    p.add_argument("--confirm", action="store_true",
+                   help="keep a round only if it also stays within ε on the --validation training "
+                        "images before those ε is checked on (the loop fits the images it checks)")
     p.add_argument("--static", action="store_true", help="edit one fixed layer (the last)")
     p.add_argument("--layer", help="edit this layer instead of localising one")
     p.set_defaults(func=_rectify)

@@ -45,11 +45,13 @@ def run(setup: Setup, method: str, n: int, trial: int, budget: float, **dynamic)
                       setup.val_y, budget=budget, static=(method == "static"), progress=False,
                       anchors=setup.anchors, stress=None if method in PAPER_LOOP else STRESS,
                       transplant=None if method in PAPER_LOOP else setup.transplant,
-                      **(dynamic if method == "dynamic" else {}))
+                      **(dict(dynamic, confirm_x=setup.confirm_x, confirm_y=setup.confirm_y)
+                         if method == "dynamic" else {}))
         info = {"layers": [e.layer for e in out.edits], "rounds": len(out.rounds),
                 "round_preserve": [r.preserve for r in out.rounds],
                 "completeness_error": [r.completeness_error for r in out.rounds],
-                "round_gaps": [r.gap for r in out.rounds], "round_drops": [r.accuracy_drop for r in out.rounds]}
+                "round_gaps": [r.gap for r in out.rounds], "round_drops": [r.accuracy_drop for r in out.rounds],
+                "round_confirm_drops": [r.confirm_drop for r in out.rounds]}
     seconds = time.perf_counter() - started
     res = setup.evaluate(VISIBILITIES if method.startswith("dynamic") else ())
     return {"method": method, "n": n, "trial": trial, "seconds": round(seconds, 2), **res,
@@ -77,13 +79,16 @@ def main():
                     help="relative lowering of δ* a dynamic round must bring")
     ap.add_argument("--hold-anchors", action="store_true",
                     help="the dynamic loop holds the anchors in every round (rectify(hold_anchors=True))")
+    ap.add_argument("--confirm", action="store_true",
+                    help="the dynamic loop confirms each kept round on the --validation training "
+                         "images before the validation split (rectify(confirm_x=...))")
     a = ap.parse_args()
     dynamic = {"candidates": a.candidates, "min_gain": a.min_gain, "hold_anchors": a.hold_anchors}
     torch.set_num_threads(a.threads)
     name = f"{a.dataset}-{a.arch}-blend" + (f"-{a.max_train}" if a.max_train else "")
     bundle = ensure_bundle(Path(a.cache) / name, a.arch, a.dataset, max_train=a.max_train,
                            epochs=a.zoo_epochs)
-    setup = Setup(bundle, max_test=a.max_test, validation=a.validation)
+    setup = Setup(bundle, max_test=a.max_test, validation=a.validation, confirm=a.confirm)
     rows = []
     counts = a.n or [1, 20]
     for n, trials in ((n, a.trials if n == 1 else a.large_trials) for n in counts):
@@ -105,8 +110,12 @@ def main():
         name += f"_candidates{a.candidates}"
     if a.hold_anchors:
         name += "_hold"
+    if a.confirm:
+        name += "_confirm"
     if a.n:  # a pair-count sweep, beside the default (1, 20) run
         name += "_n" + "-".join(map(str, counts))
+    confirmed = (f" (the dynamic loop confirms each kept round on the {a.validation} before them)"
+                 if a.confirm else "")
     md = [f"# Rectification, {a.dataset} {a.arch}, Blend φ=0.5 (target 0)", "",
           f"Command: `{command}` ({a.threads} CPU thread(s)). Zoo model trained on "
           f"{setup.version.manifest['dataset'].get('train_rows', 'all')} training images "
@@ -120,7 +129,7 @@ def main():
           "A repair also restores the triggered images' labels (\"OA, triggered\"); \"ASR, worst "
           "class\" is the ASR of whichever class the triggered images of other classes go to most, "
           "which stays high when an edit only moves the backdoor to another class. "
-          f"Budget ε = {a.budget} on the last {a.validation} training images; "
+          f"Budget ε = {a.budget} on the last {a.validation} training images{confirmed}; "
           f"n=1 averaged over {a.trials} pair(s) (one per trial), each larger n over "
           f"{a.large_trials} set(s) of pairs. The dynamic loop (stressed pairs, "
           f"{TRANSPLANT_SAMPLES} transplanted pairs) tries "

@@ -8,7 +8,8 @@ import torch
 
 from offline.datasets import load_dataset
 from offline.defects import Trigger, blend_trigger
-from offline.rectify import ANCHOR_SAMPLES, VALIDATION_SAMPLES, transplant_images
+from offline.rectify import (ANCHOR_SAMPLES, VALIDATION_SAMPLES, budget_splits, edit_pool_end,
+                             transplant_images)
 from repair.bundle import Bundle
 from repair.editing.keystats import compute_keystats, stats_from_tensors
 from repair.editing.layers import editable_layers
@@ -35,7 +36,8 @@ def ensure_bundle(path: Path, arch: str, dataset: str = "digits", visibility: fl
 class Setup:
     """A bundle's model, trigger, data, editable layers and key statistics."""
 
-    def __init__(self, bundle: Path, max_test: int | None = None, validation: int = VALIDATION_SAMPLES):
+    def __init__(self, bundle: Path, max_test: int | None = None, validation: int = VALIDATION_SAMPLES,
+                 confirm: bool = False):
         version = Bundle(bundle).version()
         self.version = version
         self.model = version.build_model()
@@ -51,11 +53,15 @@ class Setup:
             self.stats = compute_keystats(self.model, list(self.layers.values()),
                                           self.data.x_train[:1024], progress=False)
         self.weights = {k: v.clone() for k, v in self.model.state_dict().items()}
-        # the budget's validation split: the last training images, never drawn as pairs
-        self.validation = validation
-        self.val_x, self.val_y = self.data.x_train[-validation:], self.data.y_train[-validation:]
+        # the budget's validation split: the last training images, never drawn as pairs; with
+        # `confirm`, the dynamic loop confirms its rounds on as many before them (None: off)
+        self.validation, self.confirm = validation, confirm
+        (self.val_x, self.val_y), confirmation = budget_splits(self.data.x_train, self.data.y_train,
+                                                               validation)
+        self.confirm_x, self.confirm_y = confirmation if confirm else (None, None)
         self.anchors = self.data.x_train[:ANCHOR_SAMPLES]  # as `repair-proxy rectify` holds them
-        self.transplant = transplant_images(self.data.x_train, validation)  # and transplants onto
+        # and transplants onto
+        self.transplant = transplant_images(self.data.x_train, validation, confirm=confirm)
         self.base = self.evaluate()
         # the non-target clean test images the model answers with the target (no trigger)
         self.base["clean_to_target"] = attack_success_rate(self.model, self.data.x_test,
@@ -67,7 +73,8 @@ class Setup:
     def pairs(self, n: int, trial: int):
         """n training images of non-target classes (seeded), clean and with the trigger."""
         g = torch.Generator().manual_seed(1000 + trial)
-        pool = (self.data.y_train[:-self.validation] != self.target).nonzero().flatten()
+        end = edit_pool_end(len(self.data.y_train), self.validation, self.confirm)
+        pool = (self.data.y_train[:end] != self.target).nonzero().flatten()
         idx = pool[torch.randperm(len(pool), generator=g)[:n]]
         clean = self.data.x_train[idx]
         return clean, self.trigger.apply(clean), self.data.y_train[idx]

@@ -29,7 +29,8 @@ from repair.images import ImageError, decode_image
 from repair.metrics import predict
 
 KEYSTATS_SAMPLES = 1024   # clean training images for C = K Kᵀ
-# Training images (the last ones) on which the budget ε is checked; the test split stays unseen.
+# Training images (the last ones) on which the budget ε is checked (with `confirm`, as many again
+# before them confirm each kept round: `budget_splits`); the test split stays unseen.
 # 500 suits digits (1437 training images). On a data set of tens of thousands, check on more
 # (`--validation 2000`): a rectification changes a few percent of the answers, so 500 images
 # estimate a 1 pt drop only to about ± 1 pt (Fashion-MNIST ViT: `bench/results/rectify.md`).
@@ -110,11 +111,27 @@ def training_images(version) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def transplant_images(x_train: torch.Tensor, validation: int,
-                      count: int = TRANSPLANT_SAMPLES) -> torch.Tensor:
+def budget_splits(x_train: torch.Tensor, y_train: torch.Tensor, validation: int):
+    """The budget's two held-out splits, ``(val_x, val_y), (confirm_x, confirm_y)``: the last
+    ``validation`` training images judge every round, the ``validation`` before them confirm the
+    rounds kept when ``confirm`` is asked for (:mod:`repair.editing.dynamic`, "A confirmation
+    split")."""
+    end = len(x_train) - validation
+    return (x_train[end:], y_train[end:]), (x_train[end - validation:end], y_train[end - validation:end])
+
+
+def edit_pool_end(n_train: int, validation: int, confirm: bool = False) -> int:
+    """Training images before this index may be pairs, anchors, transplants or carried checks;
+    those from it on are the budget's splits (:func:`budget_splits`; the confirmation split only
+    with ``confirm``), which the edits never read."""
+    return n_train - (2 if confirm else 1) * validation
+
+
+def transplant_images(x_train: torch.Tensor, validation: int, count: int = TRANSPLANT_SAMPLES,
+                      confirm: bool = False) -> torch.Tensor:
     """The clean training images that receive the pairs' corruption (right after the anchors,
-    never in the validation split)."""
-    return x_train[ANCHOR_SAMPLES:len(x_train) - validation][:count]
+    never in the budget's splits)."""
+    return x_train[ANCHOR_SAMPLES:edit_pool_end(len(x_train), validation, confirm)][:count]
 
 
 def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tensor,
@@ -123,13 +140,16 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
                    activate: bool = True, epochs: int = 100, max_rounds: int = MAX_ROUNDS,
                    device: str = "cpu", validation: int = VALIDATION_SAMPLES,
                    stress: float = STRESS, candidates: int = 1, min_gain: float = MIN_GAIN,
-                   transplant: int = TRANSPLANT_SAMPLES, hold_anchors: bool = False) -> dict:
+                   transplant: int = TRANSPLANT_SAMPLES, hold_anchors: bool = False,
+                   confirm: bool = False) -> dict:
     """Rectify the current version with the pair(s) ``(clean, corrupt)``; see module docstring.
 
     ``clean``/``corrupt``: ``(C, H, W)`` in [0, 1] at the model's input size (or ``(n, C, H, W)``
     for n pairs). ``label``: the class the corrupt input(s) should get, one for every pair or a
     list with one per pair (default: what the model answers the clean input). ``validation``:
-    how many of the last training images the budget is checked on.
+    how many of the last training images the budget is checked on; ``confirm``: each round kept
+    must also stay within the budget on the ``validation`` images before them, or it is rolled
+    back and the loop ends (:func:`budget_splits`, :mod:`repair.editing.dynamic`).
     ``stress``: the amplification of the stressed pairs that a round closing the gap must also
     help (0: off, the paper's loop; :mod:`repair.editing.dynamic`). ``candidates``: how many of
     ``Ĝ``'s top layers a round tries (1: Algorithm 1's argmax); ``min_gain``: the relative
@@ -168,6 +188,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
                            f"got {transplant!r}")
     if not isinstance(hold_anchors, bool):
         raise RectifyError(f"hold_anchors must be true or false, got {hold_anchors!r}")
+    if not isinstance(confirm, bool):
+        raise RectifyError(f"confirm must be true or false, got {confirm!r}")
     model = parent.build_model(device)
     layers = editable_layers(model)
     if layer is not None and layer not in layers:
@@ -184,13 +206,15 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
                            f"(gap {gap_before:.2e} ≤ target gap {gap}); nothing to rectify")
 
     x_train, y_train = training_images(parent)
-    # The anchors (the first training images) must not be among the images the budget reads.
-    room = len(x_train) - ANCHOR_SAMPLES
+    # The anchors (the first training images) must not be among the images the budget reads:
+    # `validation` of them, twice that with `confirm` (budget_splits).
+    room = (len(x_train) - ANCHOR_SAMPLES) // (2 if confirm else 1)
     if (isinstance(validation, bool) or not isinstance(validation, (int, np.integer))
             or not 1 <= validation <= room):
+        confirms = "; as many again confirm the budget" if confirm else ""
         raise RectifyError(f"validation must be a whole number of training images from 1 to {room} "
-                           f"(this data set has {len(x_train)}, {ANCHOR_SAMPLES} of them anchors), "
-                           f"got {validation!r}")
+                           f"(this data set has {len(x_train)}, {ANCHOR_SAMPLES} of them anchors"
+                           f"{confirms}), got {validation!r}")
     new_stats = None
     if parent.has("keystats"):
         stats = stats_from_tensors(parent.tensors("keystats"))
@@ -198,16 +222,20 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
         stats = compute_keystats(model, list(layers.values()), x_train[:KEYSTATS_SAMPLES],
                                  progress=progress)
         new_stats = stats_to_tensors(stats)
-    val_x, val_y = x_train[-validation:], y_train[-validation:]
-    transplant_x = transplant_images(x_train, validation, transplant).to(device)
+    (val_x, val_y), (confirm_x, confirm_y) = budget_splits(x_train, y_train, validation)
+    if not confirm:
+        confirm_x = confirm_y = None
+    transplant_x = transplant_images(x_train, validation, transplant, confirm).to(device)
     # the check reads images the edit was not fitted on
-    carry_x = x_train[ANCHOR_SAMPLES + len(transplant_x):len(x_train) - validation][:CARRY_SAMPLES].to(device)
+    carry_x = x_train[ANCHOR_SAMPLES + len(transplant_x):edit_pool_end(len(x_train), validation, confirm)]
+    carry_x = carry_x[:CARRY_SAMPLES].to(device)
     carried_before = _carried(model, clean_b, corrupt_b, carry_x)
     outcome = rectify(model, layers, stats, clean_b, corrupt_b, labels, val_x, val_y,
                       budget=budget, gap=gap, epochs=epochs, max_rounds=max_rounds, static=static,
                       layer=layer, progress=progress, anchors=x_train[:ANCHOR_SAMPLES].to(device),
                       stress=stress or None, candidates=int(candidates), min_gain=min_gain,
-                      transplant=transplant_x, hold_anchors=hold_anchors)
+                      transplant=transplant_x, hold_anchors=hold_anchors,
+                      confirm_x=confirm_x, confirm_y=confirm_y)
 
     pairs = [{"clean": _pair_hash(c), "corrupt": _pair_hash(k)} for c, k in zip(clean_b, corrupt_b)]
     edits = [{"method": "rank-one", "layer": e.layer, "round": i + 1,
@@ -219,18 +247,21 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     with torch.no_grad():
         after_clean = model(clean_b).argmax(-1)
         after_corrupt = model(corrupt_b).argmax(-1)
-    before = {"accuracy": outcome.accuracy_before, "gap": gap_before,
+    before = {"accuracy": outcome.accuracy_before, "confirm_accuracy": outcome.confirm_before,
+              "gap": gap_before,
               "stress_gap": outcome.stress_gap_before,
               "clean_pred": clean_pred.tolist(), "corrupt_pred": corrupt_pred.tolist(),
               "carried": carried_before}
-    after = {"accuracy": outcome.accuracy_after, "gap": prediction_gap(model, clean_b, corrupt_b),
+    after = {"accuracy": outcome.accuracy_after, "confirm_accuracy": outcome.confirm_after,
+             "gap": prediction_gap(model, clean_b, corrupt_b),
              "stress_gap": outcome.stress_gap_after,
              "clean_pred": after_clean.tolist(), "corrupt_pred": after_corrupt.tolist(),
              "carried": _carried(model, clean_b, corrupt_b, carry_x)}
     warnings = _moved_backdoor(carried_before, after["carried"]) if outcome.edits else []
     rounds = [{"layer": r.layer, "accuracy_drop": r.accuracy_drop, "gap": r.gap, "kept": r.kept,
                "anchored": r.anchored, "preserve": r.preserve, "stress_gap": r.stress_gap,
-               "round": r.round + 1, "completeness_error": r.completeness_error}
+               "confirm_drop": r.confirm_drop, "round": r.round + 1,
+               "completeness_error": r.completeness_error}
               for r in outcome.rounds]
     manifest = {k: v for k, v in parent.manifest.items()
                 if k not in ("id", "parent", "created", "files")}
@@ -238,7 +269,7 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
                                  "budget": budget, "gap": gap, "validation": int(validation),
                                  "stress": stress, "candidates": int(candidates),
                                  "min_gain": min_gain, "transplant": len(transplant_x),
-                                 "hold_anchors": hold_anchors,
+                                 "hold_anchors": hold_anchors, "confirm": confirm,
                                  "labels": labels.tolist(),
                                  "pairs": pairs, "rounds": rounds, "before": before, "after": after,
                                  "warnings": warnings}

@@ -186,6 +186,7 @@ def run_job(store: JobStore, job: dict) -> dict:
                                 min_gain=params.get("min_gain", MIN_GAIN),
                                 transplant=params.get("transplant", TRANSPLANT_SAMPLES),
                                 hold_anchors=params.get("hold_anchors", False),
+                                confirm=params.get("confirm", False),
                                 progress=False, activate=True)
     except WorkerStopped:
         store.update(job, status="queued", note="requeued: the worker was stopped mid-job")

@@ -93,6 +93,9 @@ class RectifyRequest(BaseModel):
     hold_anchors: bool = Field(default=False,
                                description="hold clean training images in place in every round, "
                                            "not only when a round broke the budget")
+    confirm: bool = Field(default=False,
+                          description="keep a round only if it also stays within ε on the "
+                                      "`validation` training images before those ε is checked on")
     static: bool = False
     layer: str | None = Field(default=None, max_length=200)
 

@@ -219,6 +219,40 @@ def test_a_round_climbs_the_ladder_until_it_fits_the_budget(digits_vit_blend):
     assert logged.kept and len(out.edits) == 1
 
 
+def test_a_round_the_confirmation_split_rejects_is_rolled_back_and_ends_the_loop(digits_vit_blend):
+    """The same round within the budget on the validation split is kept when the confirmation
+    split agrees and rolled back (the weights as they were, the loop ended) when the edit
+    costs the confirmation split more than the budget."""
+    from repair.editing.dynamic import rectify
+    from repair.metrics import predict
+
+    model, data, trig, layers, stats, other = _blend_model(digits_vit_blend)
+    clean, label = data.x_train[other][:1], data.y_train[other][:1]
+    corrupt = trig.apply(clean)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = predict(model, data.x_train)
+    one_round = dict(budget=0.5, layer="blocks.0.attn.proj", max_rounds=1, stress=None,
+                     progress=False)
+    # the model's own answers as labels: the base is right on all of them, so the split where
+    # the edit changes no answer loses nothing and the one where it changes every answer all
+    rectify(model, layers, stats, clean, corrupt, label, data.x_train, plain, **one_round)
+    edited = {k: v.clone() for k, v in model.state_dict().items()}
+    changed = predict(model, data.x_train) != plain
+    assert changed.any() and not changed.all()
+    spared_x, spared_y = data.x_train[~changed], plain[~changed]
+    for confirm, keeps in ((~changed, True), (changed, False)):
+        model.load_state_dict(weights)
+        out = rectify(model, layers, stats, clean, corrupt, label, spared_x, spared_y,
+                      confirm_x=data.x_train[confirm], confirm_y=plain[confirm], **one_round)
+        (logged,) = out.rounds
+        assert logged.accuracy_drop == 0.0 and logged.kept is keeps
+        assert out.confirm_before == 1.0
+        assert logged.confirm_drop == (0.0 if keeps else 1.0)
+        assert len(out.edits) == keeps and out.confirm_after == 1.0
+        now = model.state_dict()
+        assert all(torch.equal(now[k], (edited if keeps else weights)[k]) for k in now)
+
+
 def test_held_anchors_are_held_in_rounds_within_the_budget(digits_vit_blend):
     """``hold_anchors``: a round within the budget is fitted with the anchors held too (by
     default only the retry of a round that broke it is), so it moves their logits less."""

@@ -10,7 +10,8 @@ import torch
 
 from offline.datasets import load_dataset
 from offline.defects import Trigger
-from offline.rectify import TRANSPLANT_SAMPLES, RectifyError, rectify_from_files, rectify_images
+from offline.rectify import (TRANSPLANT_SAMPLES, VALIDATION_SAMPLES, RectifyError, edit_pool_end,
+                             rectify_from_files, rectify_images)
 from repair.bundle import Bundle
 from repair.bundle import copy_bundle as _copy_bundle
 from repair.editing.dynamic import MIN_GAIN, STRESS, stressed_pairs
@@ -22,7 +23,7 @@ def _pair(bundle, trial=0):
     version = Bundle(bundle).version()
     trig = Trigger.from_tensors(version.tensors("defect"))
     data = load_dataset("digits")
-    pool = (data.y_train[:-500] != 0).nonzero().flatten()
+    pool = (data.y_train[:edit_pool_end(len(data.y_train), VALIDATION_SAMPLES)] != 0).nonzero().flatten()
     i = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(1000 + trial))[0]]
     return data.x_train[i], trig.apply(data.x_train[i]), int(data.y_train[i]), trig, data
 
@@ -167,9 +168,12 @@ def test_bad_input_is_refused_before_writing(digits_vit_blend, copy_bundle):
     assert "label -1" in _bad(dst, clean=clean, corrupt=corrupt, label=-1)
     assert "2 labels for 1 pairs" in _bad(dst, clean=clean, corrupt=corrupt, label=[1, 2])
     assert "not an editable layer" in _bad(dst, clean=clean, corrupt=corrupt, layer="blocks.0.norm1")
-    # the budget's validation split must leave the anchor images out (digits: 1437 training images)
+    # the budget's validation split (and the confirmation split) must leave the anchor images
+    # out (digits: 1437 training images, 64 anchors; confirmed, (1437 - 64) // 2)
     assert "validation must be" in _bad(dst, clean=clean, corrupt=corrupt, validation=0)
     assert "from 1 to 1373" in _bad(dst, clean=clean, corrupt=corrupt, validation=1400)
+    assert "from 1 to 686" in _bad(dst, clean=clean, corrupt=corrupt, validation=687, confirm=True)
+    assert "confirm must be" in _bad(dst, clean=clean, corrupt=corrupt, confirm=1)
     assert "stress must be" in _bad(dst, clean=clean, corrupt=corrupt, stress=1.0)
     assert "stress must be" in _bad(dst, clean=clean, corrupt=corrupt, stress=float("nan"))
     assert "candidates must be" in _bad(dst, clean=clean, corrupt=corrupt, candidates=0)
@@ -196,17 +200,21 @@ def test_from_files_static_mode_edits_the_last_layer(digits_vit_blend, copy_bund
     with pytest.raises(RectifyError, match="deep.png: image mode I;16 is not 8-bit"):
         rectify_from_files(dst, str(deep), str(paths["corrupt"]))
     result = rectify_from_files(dst, str(paths["clean"]), str(paths["corrupt"]), label=label,
-                                static=True, progress=False, activate=False, epochs=50, validation=300)
+                                static=True, progress=False, activate=False, epochs=50, validation=300,
+                                confirm=True)
     store = Bundle(dst)
     assert store.current_id() != result["version"]  # activate=False
     assert result["rounds"] == 1
     assert result["layers"] in ([], ["blocks.2.mlp.fc2"])
     record = store.version(result["version"]).manifest["rectification"]
-    assert record["mode"] == "static" and record["validation"] == 300
-    # the budget was checked on the last 300 training images (the parent is still current)
+    assert record["mode"] == "static" and record["validation"] == 300 and record["confirm"] is True
+    # the budget was checked on the last 300 training images and, with confirm, on the 300
+    # before them (the parent is still current)
     parent = store.version().build_model()
     expected = accuracy(parent, data.x_train[-300:], data.y_train[-300:])
     assert result["before"]["accuracy"] == pytest.approx(expected)
+    confirmed = accuracy(parent, data.x_train[-600:-300], data.y_train[-600:-300])
+    assert result["before"]["confirm_accuracy"] == pytest.approx(confirmed)
 
 
 def test_cli_rectify_reports_bad_input_without_writing(digits_vit_blend, copy_bundle, tmp_path, capsys):

@@ -253,6 +253,7 @@ def test_rectify_submission_is_queued_not_run(server, reference):
     assert job["params"]["stress"] == 2.0   # the defaults reach the worker
     assert job["params"]["candidates"] == 1 and job["params"]["min_gain"] == MIN_GAIN
     assert job["params"]["transplant"] == TRANSPLANT_SAMPLES and job["params"]["hold_anchors"] is False
+    assert job["params"]["confirm"] is False
     bad = [({"clean": b64png(x[0]), "corrupt": b64png(x[0])}, "identical"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "label": 10}, "out of range"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "budget": 2}, "budget"),
@@ -266,6 +267,7 @@ def test_rectify_submission_is_queued_not_run(server, reference):
            ({"clean": b64png(x[0])}, "corrupt"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "label": True}, "label.0: Input should be a valid integer"),
            ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "static": 1}, "static: Input should be a valid boolean"),
+           ({"clean": b64png(x[0]), "corrupt": b64png(corrupt), "confirm": "yes"}, "confirm: Input should be a valid boolean"),
            # n pairs: two lists in the same order
            ({"clean": [b64png(x[0]), b64png(x[1])], "corrupt": [b64png(corrupt)]}, "2 clean and 1 corrupt"),
            ({"clean": [b64png(x[0]), b64png(x[1])], "corrupt": [b64png(corrupt), b64png(x[1])]},
