@@ -268,7 +268,7 @@ def rectify(model: nn.Module, layers: dict[str, EditableLayer], stats: dict[str,
             continue
         chosen, edit, weight, chosen_acc = best
         edited = layers[chosen.layer].module.weight
-        unedited = edited.detach().clone()
+        unedited = None if confirm_x is None else edited.detach().clone()
         with torch.no_grad():
             edited.copy_(weight)
         if confirm_x is not None:           # the confirmation split must agree, or line 9 again

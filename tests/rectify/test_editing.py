@@ -231,19 +231,20 @@ def test_a_round_the_confirmation_split_rejects_is_rolled_back_and_ends_the_loop
     corrupt = trig.apply(clean)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     plain = predict(model, data.x_train)
-    one_round = dict(budget=0.5, layer="blocks.0.attn.proj", max_rounds=1, stress=None,
-                     progress=False)
+    one_layer = dict(budget=0.5, layer="blocks.0.attn.proj", stress=None, progress=False)
     # the model's own answers as labels: the base is right on all of them, so the split where
     # the edit changes no answer loses nothing and the one where it changes every answer all
-    rectify(model, layers, stats, clean, corrupt, label, data.x_train, plain, **one_round)
+    rectify(model, layers, stats, clean, corrupt, label, data.x_train, plain, max_rounds=1, **one_layer)
     edited = {k: v.clone() for k, v in model.state_dict().items()}
     changed = predict(model, data.x_train) != plain
     assert changed.any() and not changed.all()
     spared_x, spared_y = data.x_train[~changed], plain[~changed]
     for confirm, keeps in ((~changed, True), (changed, False)):
         model.load_state_dict(weights)
+        # rejected, the round ends the loop: no second round although three are allowed
         out = rectify(model, layers, stats, clean, corrupt, label, spared_x, spared_y,
-                      confirm_x=data.x_train[confirm], confirm_y=plain[confirm], **one_round)
+                      confirm_x=data.x_train[confirm], confirm_y=plain[confirm],
+                      max_rounds=1 if keeps else 3, **one_layer)
         (logged,) = out.rounds
         assert logged.accuracy_drop == 0.0 and logged.kept is keeps
         assert out.confirm_before == 1.0
