@@ -56,9 +56,8 @@ class Setup:
         # the budget's validation split: the last training images, never drawn as pairs; with
         # `confirm`, the dynamic loop confirms its rounds on as many before them (None: off)
         self.validation, self.confirm = validation, confirm
-        (self.val_x, self.val_y), confirmation = budget_splits(self.data.x_train, self.data.y_train,
-                                                               validation)
-        self.confirm_x, self.confirm_y = confirmation if confirm else (None, None)
+        (self.val_x, self.val_y), (self.confirm_x, self.confirm_y) = budget_splits(
+            self.data.x_train, self.data.y_train, validation, confirm)
         self.anchors = self.data.x_train[:ANCHOR_SAMPLES]  # as `repair-proxy rectify` holds them
         # and transplants onto
         self.transplant = transplant_images(self.data.x_train, validation, confirm=confirm)

@@ -111,13 +111,14 @@ def training_images(version) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def budget_splits(x_train: torch.Tensor, y_train: torch.Tensor, validation: int):
-    """The budget's two held-out splits, ``(val_x, val_y), (confirm_x, confirm_y)``: the last
-    ``validation`` training images judge every round, the ``validation`` before them confirm the
-    rounds kept when ``confirm`` is asked for (:mod:`repair.editing.dynamic`, "A confirmation
-    split")."""
+def budget_splits(x_train: torch.Tensor, y_train: torch.Tensor, validation: int, confirm: bool):
+    """The budget's held-out splits, ``(val_x, val_y), (confirm_x, confirm_y)``: the last
+    ``validation`` training images judge every round; with ``confirm`` the ``validation`` before
+    them confirm the rounds kept (:mod:`repair.editing.dynamic`), else ``(None, None)``."""
     end = len(x_train) - validation
-    return (x_train[end:], y_train[end:]), (x_train[end - validation:end], y_train[end - validation:end])
+    confirmation = ((x_train[end - validation:end], y_train[end - validation:end]) if confirm
+                    else (None, None))
+    return (x_train[end:], y_train[end:]), confirmation
 
 
 def edit_pool_end(n_train: int, validation: int, confirm: bool = False) -> int:
@@ -222,9 +223,7 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
         stats = compute_keystats(model, list(layers.values()), x_train[:KEYSTATS_SAMPLES],
                                  progress=progress)
         new_stats = stats_to_tensors(stats)
-    (val_x, val_y), (confirm_x, confirm_y) = budget_splits(x_train, y_train, validation)
-    if not confirm:
-        confirm_x = confirm_y = None
+    (val_x, val_y), (confirm_x, confirm_y) = budget_splits(x_train, y_train, validation, confirm)
     transplant_x = transplant_images(x_train, validation, transplant, confirm).to(device)
     # the check reads images the edit was not fitted on
     carry_x = x_train[ANCHOR_SAMPLES + len(transplant_x):edit_pool_end(len(x_train), validation, confirm)]
