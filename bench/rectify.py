@@ -28,6 +28,8 @@ from rectify_common import METHODS, PAPER_LOOP, Setup, ensure_bundle, write_resu
 from repair.editing.dynamic import MIN_GAIN, STRESS, rectify  # noqa: E402
 
 VISIBILITIES = (0.3, 0.7, 1.0)
+# the training subset of the Fashion-MNIST runs (time on 1-2 CPU threads); other sizes name their files
+FASHION_SUBSET = 8000
 
 
 def run(setup: Setup, method: str, n: int, trial: int, budget: float, **dynamic) -> dict:
@@ -104,6 +106,8 @@ def main():
                                           for k in sel[0] if k.startswith(("oa", "asr"))}
     command = " ".join(["python", "bench/rectify.py", *sys.argv[1:]])
     name = f"rectify_{a.dataset}_{a.arch}"
+    if a.max_train not in (None, FASHION_SUBSET):  # the usual subset's files carry no suffix
+        name += f"_train{a.max_train}"
     if a.validation != VALIDATION_SAMPLES:  # beside the default run's file, not over it
         name += f"_val{a.validation}"
     if a.candidates != 1:
