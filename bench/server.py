@@ -29,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -192,28 +193,20 @@ def main() -> None:
     modes = ["off"] + (["on"] if bare.served.patcher is not None else [])
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "REPAIR_TOKEN": "bench"}
+    # Each server's stderr goes to a temporary file: shown if it dies before answering.
+    logs = [tempfile.TemporaryFile() for _ in range(2)]
     server = subprocess.Popen([sys.executable, "-c", "from repair_proxy_cli import main; main()", "serve",
                                "--bundle", a.bundle, "--port", str(port), "--device", a.device],
-                              env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+                              env=env, cwd=ROOT, stderr=logs[0])
     # The reference: the same decode, forward and JSON without the service around them.
     minimal_port = free_port()
     minimal = subprocess.Popen([sys.executable, str(ROOT / "bench" / "minimal_server.py"), "--bundle", a.bundle,
                                 "--port", str(minimal_port), "--device", a.device],
-                               env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+                               env=env, cwd=ROOT, stderr=logs[1])
     try:
-        import httpx
-
-        for url, body in ((f"http://127.0.0.1:{port}/v2/health/ready", None),
-                          (f"http://127.0.0.1:{minimal_port}/predict", bodies["clean"])):
-            deadline = time.time() + 300
-            while time.time() < deadline:
-                try:
-                    r = httpx.get(url) if body is None else httpx.post(url, content=body)
-                    if r.status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
+        for proc, log, url, body in ((server, logs[0], f"http://127.0.0.1:{port}/v2/health/ready", None),
+                                     (minimal, logs[1], f"http://127.0.0.1:{minimal_port}/predict", bodies["clean"])):
+            wait_until_answering(proc, log, url, body)
         # Concurrency 1: bare, reference and server rounds interleaved, so load drift on a shared
         # machine hits all alike; latencies are pooled over the rounds.
         points = [(m, p) for m in modes for p in (("clean", "triggered") if m == "on" else ("clean",))]
@@ -260,6 +253,8 @@ def main() -> None:
         for proc in (server, minimal):
             proc.terminate()
             proc.wait(30)
+        for log in logs:
+            log.close()
     results["load_average_after"] = os.getloadavg()
 
     s, b = results["server"], results["bare"]
@@ -278,6 +273,27 @@ def main() -> None:
     write_markdown(results, out.with_suffix(".md"))
     plot(results, out.with_suffix(".png"))
     print(json.dumps(results["overhead_c1_p50_ms"]), json.dumps(results["overhead_c1_cpu_ms"]))
+
+
+
+def wait_until_answering(proc: subprocess.Popen, log, url: str, body: bytes | None, timeout: float = 300) -> None:
+    """Poll ``url`` until it answers 200; a server that exits or never answers ends the benchmark
+    with the tail of its stderr (a missing package on a fresh machine, say), not a silent wait."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            r = httpx.get(url) if body is None else httpx.post(url, content=body)
+            if r.status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    log.seek(0)
+    tail = log.read().decode(errors="replace")[-3000:]
+    state = f"exited with {proc.returncode}" if proc.poll() is not None else f"did not answer in {timeout:.0f} s"
+    raise SystemExit(f"{url}: the server {state}; its stderr ends:\n{tail}")
 
 
 def write_markdown(r: dict, path: Path) -> None:
