@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline.finetune_baseline import finetune_last_layer  # noqa: E402
 from offline.rectify import TRANSPLANT_SAMPLES, VALIDATION_SAMPLES  # noqa: E402
-from rectify_common import METHODS, PAPER_LOOP, Setup, ensure_bundle, write_results  # noqa: E402
+from rectify_common import CACHE, METHODS, PAPER_LOOP, Setup, cached_zoo_bundle, write_results  # noqa: E402
 from repair.editing.dynamic import MIN_GAIN, STRESS, rectify  # noqa: E402
 
 VISIBILITIES = (0.3, 0.7, 1.0)
@@ -64,7 +64,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="vit")
     ap.add_argument("--dataset", default="digits")
-    ap.add_argument("--cache", default="/tmp/rect-bench")
+    ap.add_argument("--cache", default=str(CACHE))
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--budget", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=1)
@@ -87,9 +87,8 @@ def main():
     a = ap.parse_args()
     dynamic = {"candidates": a.candidates, "min_gain": a.min_gain, "hold_anchors": a.hold_anchors}
     torch.set_num_threads(a.threads)
-    name = f"{a.dataset}-{a.arch}-blend" + (f"-{a.max_train}" if a.max_train else "")
-    bundle = ensure_bundle(Path(a.cache) / name, a.arch, a.dataset, max_train=a.max_train,
-                           epochs=a.zoo_epochs)
+    bundle = cached_zoo_bundle(Path(a.cache), a.dataset, a.arch, visibility=0.5, max_train=a.max_train,
+                               epochs=a.zoo_epochs)
     setup = Setup(bundle, max_test=a.max_test, validation=a.validation, confirm=a.confirm)
     rows = []
     counts = a.n or [1, 20]

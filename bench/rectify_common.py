@@ -22,14 +22,22 @@ ARCH_NAMES = {"vit": "ViT", "resnet18": "ResNet-18"}  # how the result files nam
 METHODS = ("dynamic", "dynamic-paper", "static", "finetune")
 
 
-def ensure_bundle(path: Path, arch: str, dataset: str = "digits", visibility: float = 0.5,
-                  **zoo) -> Path:
-    """The cached zoo bundle at ``path`` (trained on first use; ``zoo``: e.g. ``max_train``)."""
+CACHE = Path("/tmp/rect-bench")  # the benchmarks' trained zoo models, kept between runs
+
+
+def cached_zoo_bundle(cache: Path, dataset: str, arch: str, defect: str = "blend", name: str | None = None,
+                      target_class: int = 0, **zoo) -> Path:
+    """The zoo bundle cached under ``cache`` (trained on first use; ``zoo``: ``train_bundle``'s
+    options, e.g. ``max_train``, ``epochs``, ``poison_rate``). ``name`` stands for the defect and
+    its options in the folder's name; ``epochs`` and ``max_train`` are always in it, so a run with
+    other zoo settings never reuses a model trained with different ones."""
     from offline.zoo import train_bundle
 
+    sized = "".join(f"-{zoo[k]}" for k in ("epochs", "max_train") if zoo.get(k))
+    path = Path(cache) / f"{dataset}-{arch}-{name or defect}{sized}"
     if not (path / "CURRENT").exists():
-        train_bundle(path, dataset=dataset, arch=arch, defect="blend", visibility=visibility,
-                     target_class=0, seed=0, progress=False, **zoo)
+        train_bundle(path, dataset=dataset, arch=arch, defect=defect, target_class=target_class,
+                     seed=0, progress=False, **zoo)
     return path
 
 

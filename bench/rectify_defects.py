@@ -44,27 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offline.defects import Trigger, block_images, block_positions  # noqa: E402
 from offline.finetune_baseline import finetune_last_layer  # noqa: E402
 from offline.rectify import ANCHOR_SAMPLES, VALIDATION_SAMPLES, training_images, transplant_images  # noqa: E402
-from offline.zoo import bundle_test_data, train_bundle  # noqa: E402
-from rectify_common import ARCH_NAMES, write_results  # noqa: E402
+from offline.zoo import bundle_test_data  # noqa: E402
+from rectify_common import ARCH_NAMES, CACHE, cached_zoo_bundle, write_results  # noqa: E402
 from repair.bundle import Bundle  # noqa: E402
 from repair.editing.dynamic import prediction_gap, rectify  # noqa: E402
 from repair.editing.keystats import compute_keystats  # noqa: E402
 from repair.editing.layers import editable_layers  # noqa: E402
 from repair.metrics import accuracy, attack_success_rate  # noqa: E402
-
-CACHE = Path("/tmp/rect-bench")
-
-
-def _bundle(dataset: str, arch: str, defect: str, name: str | None = None, target_class: int = 0,
-            **kw) -> Bundle:
-    """The cached zoo bundle (trained on first use; ``kw``: e.g. ``max_train``, ``epochs``)."""
-    sized = "".join(f"-{v}" for k, v in sorted(kw.items()) if k in ("max_train", "epochs") and v)
-    out = CACHE / f"{dataset}-{arch}-{name or defect}{sized}"
-    if not (out / "CURRENT").exists():
-        train_bundle(out, dataset=dataset, arch=arch, defect=defect, target_class=target_class,
-                     seed=0, progress=False, **kw)
-    return Bundle(out)
-
 
 def _prepare(version):
     model = version.build_model()
@@ -94,8 +80,8 @@ def _methods(model, layers, stats, clean, corrupt, labels, val_x, val_y, weights
 
 
 def spurious(rows, dataset: str, arch: str, cls: int, rate: float, validation: int, **zoo):
-    version = _bundle(dataset, arch, "spurious", f"spurious-{cls}-{rate}", target_class=cls,
-                      poison_rate=rate, **zoo).version()
+    version = Bundle(cached_zoo_bundle(CACHE, dataset, arch, "spurious", f"spurious-{cls}-{rate}",
+                                       target_class=cls, poison_rate=rate, **zoo)).version()
     model, layers, stats, x_train, y_train, weights = _prepare(version)
     square = Trigger.from_tensors(version.tensors("defect"))
     x_test, y_test = bundle_test_data(version)
@@ -137,7 +123,7 @@ def leakage_measure(model, x, y, half: torch.Tensor) -> float:
 
 
 def leakage(rows, dataset: str, arch: str, validation: int, **zoo):
-    version = _bundle(dataset, arch, "leakage", **zoo).version()
+    version = Bundle(cached_zoo_bundle(CACHE, dataset, arch, "leakage", **zoo)).version()
     model, layers, stats, x_train, y_train, weights = _prepare(version)
     x_test, y_test = bundle_test_data(version)
     block_top = ~version.tensors("defect")["test_object_top"][: len(x_test)].bool()

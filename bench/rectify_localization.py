@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rectify_common import Setup, ensure_bundle, write_results  # noqa: E402
+from rectify_common import CACHE, Setup, cached_zoo_bundle, write_results  # noqa: E402
 from repair.editing.localization import locate  # noqa: E402
 from repair.editing.rank_one import rank_one_edit  # noqa: E402
 
@@ -31,7 +31,7 @@ from repair.editing.rank_one import rank_one_edit  # noqa: E402
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", action="append", default=None)
-    ap.add_argument("--cache", default="/tmp/rect-bench")
+    ap.add_argument("--cache", default=str(CACHE))
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dataset", default="digits")
@@ -42,9 +42,8 @@ def main():
     archs = a.arch or ["vit"]
     cases = []
     for arch in archs:
-        name = f"{a.dataset}-{arch}-blend" + (f"-{a.max_train}" if a.max_train else "")
-        setup = Setup(ensure_bundle(Path(a.cache) / name, arch, a.dataset, max_train=a.max_train,
-                                    epochs=a.zoo_epochs))
+        setup = Setup(cached_zoo_bundle(Path(a.cache), a.dataset, arch, visibility=0.5,
+                                        max_train=a.max_train, epochs=a.zoo_epochs))
         layer_list = list(setup.layers.values())
         for trial in range(a.trials):
             clean, corrupt, labels = setup.pairs(1, trial)

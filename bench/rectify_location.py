@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline.defects import relocate  # noqa: E402
 from offline.finetune_baseline import finetune_last_layer  # noqa: E402
-from offline.zoo import train_bundle  # noqa: E402
-from rectify_common import ARCH_NAMES, METHODS, PAPER_LOOP, Setup, write_results  # noqa: E402
+from rectify_common import ARCH_NAMES, CACHE, METHODS, PAPER_LOOP, Setup, cached_zoo_bundle, write_results  # noqa: E402
 from repair.editing.dynamic import STRESS, prediction_gap, rectify  # noqa: E402
 from repair.metrics import accuracy, attack_success_rate, worst_class_asr  # noqa: E402
 
@@ -72,7 +71,7 @@ def run(setup: Setup, triggers: dict, method: str, n: int, trial: int, budget: f
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--zoo", help="reuse this bundle (poisoned at the five locations)")
-    ap.add_argument("--cache", default="/tmp/rect-bench")
+    ap.add_argument("--cache", default=str(CACHE))
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--n", type=int, default=1, help="BR pairs per rectification")
     ap.add_argument("--arch", choices=("vit", "resnet18"), default="vit")
@@ -82,13 +81,13 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    bundle = Path(a.zoo) if a.zoo else Path(a.cache) / f"digits-{a.arch}-badnets-5loc-{a.poison_rate}"
-    if not (bundle / "CURRENT").exists():
-        if a.zoo:
+    if a.zoo:
+        bundle = Path(a.zoo)
+        if not (bundle / "CURRENT").exists():
             raise SystemExit(f"{bundle}: no bundle there")
-        train_bundle(bundle, dataset="digits", arch=a.arch, defect="badnets", target_class=0,
-                     poison_rate=a.poison_rate, location="+".join(LOCATIONS), epochs=a.zoo_epochs,
-                     seed=0, progress=False)
+    else:
+        bundle = cached_zoo_bundle(Path(a.cache), "digits", a.arch, "badnets", f"badnets-5loc-{a.poison_rate}",
+                                   poison_rate=a.poison_rate, location="+".join(LOCATIONS), epochs=a.zoo_epochs)
     setup = Setup(bundle)
     m = setup.version.manifest
     if m["defect"].get("locations", [m["defect"].get("location")]) != list(LOCATIONS):

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline.rectify import prepare_keystats, rectify_images  # noqa: E402
-from rectify_common import Setup, ensure_bundle, write_results  # noqa: E402
+from rectify_common import CACHE, Setup, cached_zoo_bundle, write_results  # noqa: E402
 
 
 def main():
@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="the target is for 2; 1 gives an upper bound")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    src = ensure_bundle(Path("/tmp/rect-bench/digits-vit-blend"), "vit")
+    src = cached_zoo_bundle(CACHE, "digits", "vit", visibility=0.5)
     setup = Setup(src)
     rows = []
     for mode in ("cold", "warm"):

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rectify_common import Setup, ensure_bundle, write_results  # noqa: E402
+from rectify_common import CACHE, Setup, cached_zoo_bundle, write_results  # noqa: E402
 from repair.editing.rank_one import rank_one_edit  # noqa: E402
 
 LAYERS = ("patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc2",
@@ -24,7 +24,7 @@ LAYERS = ("patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks
 
 def main():
     torch.set_num_threads(1)
-    setup = Setup(ensure_bundle(Path("/tmp/rect-bench/digits-vit-blend"), "vit"))
+    setup = Setup(cached_zoo_bundle(CACHE, "digits", "vit", visibility=0.5))
     rows = []
     for trial in range(3):
         clean, corrupt, _ = setup.pairs(1, trial)
