@@ -91,13 +91,15 @@ def compare(bundle: str) -> dict:
     rows = []
     reference = paths["cpu"]
     for path, answers in paths.items():
-        same_flags = [(a[1] == reference[k][1]).flatten(1).all(1) for k, a in answers.items()]
-        same_answer = [a[0].argmax(-1) == reference[k][0].argmax(-1) for k, a in answers.items()]
-        rows.append({"path": path, "requests": sum(len(s) for s in same_flags),
-                     "same_flags": round(torch.cat(same_flags).float().mean().item(), 6),
-                     "same_answer": round(torch.cat(same_answer).float().mean().item(), 6),
-                     "max_logit_diff": float(max((a[0] - reference[k][0]).abs().max() for k, a in answers.items())),
-                     "patched": round(torch.cat([a[1].flatten(1).any(1) for a in answers.values()]).float().mean().item(), 4),
+        same_flags = torch.cat([(a[1] == reference[k][1]).flatten(1).all(1) for k, a in answers.items()])
+        same_answer = torch.cat([a[0].argmax(-1) == reference[k][0].argmax(-1) for k, a in answers.items()])
+        patched = torch.cat([a[1].flatten(1).any(1) for a in answers.values()])
+        logit_diff = max((a[0] - reference[k][0]).abs().max() for k, a in answers.items())
+        rows.append({"path": path, "requests": len(same_flags),
+                     "same_flags": round(same_flags.float().mean().item(), 6),
+                     "same_answer": round(same_answer.float().mean().item(), 6),
+                     "max_logit_diff": float(logit_diff),
+                     "patched": round(patched.float().mean().item(), 4),
                      "accuracy": round((answers["test"][0].argmax(-1) == data.y_test).float().mean().item(), 4),
                      **defect_metric(answers, data.y_test, data.x_test, how)})
     return {"bundle": bundle, "version": version.id, "arch": version.manifest["architecture"]["arch"],
@@ -119,7 +121,8 @@ def write(results: list[dict], command: str, out: Path) -> None:
         for p in r["paths"]:
             defect = ", ".join(f"{k} {v}" for k, v in p.items() if k.startswith(("asr", "uf_")))
             lines.append(f"| {r['dataset']} {r['arch']} | {p['path']} | {p['requests']} | {p['same_flags']} | "
-                         f"{p['same_answer']} | {p['max_logit_diff']:.2e} | {p['patched']} | {p['accuracy']} | {defect} |")
+                         f"{p['same_answer']} | {p['max_logit_diff']:.2e} | {p['patched']} | {p['accuracy']} | "
+                         f"{defect} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -275,7 +275,6 @@ def main() -> None:
     print(json.dumps(results["overhead_c1_p50_ms"]), json.dumps(results["overhead_c1_cpu_ms"]))
 
 
-
 def wait_until_answering(proc: subprocess.Popen, log, url: str, body: bytes | None, timeout: float = 300) -> None:
     """Poll ``url`` until it answers 200; a server that exits or never answers ends the benchmark
     with the tail of its stderr (a missing package on a fresh machine, say), not a silent wait."""
