@@ -68,7 +68,7 @@ def _rectify(a):
                                 validation=validation, stress=stress, candidates=a.candidates,
                                 min_gain=MIN_GAIN if a.min_gain is None else a.min_gain,
                                 transplant=TRANSPLANT_SAMPLES if a.transplant is None else a.transplant,
-                                hold_anchors=a.hold_anchors, confirm=a.confirm)
+                                hold_anchors=a.hold_anchors, confirm=a.confirm, device=a.device)
     print(json.dumps(result))
 
 
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "images before those ε is checked on (the loop fits the images it checks)")
     p.add_argument("--static", action="store_true", help="edit one fixed layer (the last)")
     p.add_argument("--layer", help="edit this layer instead of localising one")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="where the edit runs (default cpu: small models are no faster on a GPU)")
     p.set_defaults(func=_rectify)
 
     p = sub.add_parser("evaluate", help="accuracy, ASR, UF and detector metrics of a version")

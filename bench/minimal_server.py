@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def make_app(bundle: str, device: str = "cpu"):
     from repair.bundle import Bundle
-    from server.runtime import Served, resolve_device
+    from repair.models import resolve_device
+    from server.runtime import Served
     from server.service import predictions
 
     served = Served(Bundle(bundle).version(), resolve_device(device), max_batch_size=1)

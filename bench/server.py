@@ -60,7 +60,8 @@ class Bare:
 
     def __init__(self, bundle: str, device: str):
         from repair.bundle import Bundle
-        from server.runtime import Served, resolve_device
+        from repair.models import resolve_device
+        from server.runtime import Served
 
         self.served = Served(Bundle(bundle).version(), resolve_device(device), max_batch_size=1)
 

@@ -27,6 +27,7 @@ from repair.editing.keystats import compute_keystats, stats_from_tensors, stats_
 from repair.editing.layers import editable_layers
 from repair.images import ImageError, decode_image
 from repair.metrics import predict
+from repair.models import resolve_device
 
 KEYSTATS_SAMPLES = 1024   # clean training images for C = K Kᵀ
 # Training images (the last ones) on which the budget ε is checked (with `confirm`, as many again
@@ -158,6 +159,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     receive the pairs' corruption and join the pairs (0: the pairs alone, as in the paper).
     ``hold_anchors``: hold the anchors in every round, not only in the retry of a round that
     broke the budget (:mod:`repair.editing.dynamic`; for models whose first edit spends it).
+    ``device``: cpu, cuda or auto; the new version's weights are stored from the CPU either way
+    (the edits are the same; the digits ViT is no faster on an H100: ``rectify_timing_cuda.md``).
     The result's ``before`` / ``after`` hold ``carried`` (the pairs' corruption on clean
     training images: :func:`_carried`) and ``warnings`` says when the edit seems to have moved
     the backdoor to another class rather than removed it.
@@ -191,6 +194,10 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
         raise RectifyError(f"hold_anchors must be true or false, got {hold_anchors!r}")
     if not isinstance(confirm, bool):
         raise RectifyError(f"confirm must be true or false, got {confirm!r}")
+    try:
+        device = resolve_device(device)
+    except ValueError as err:
+        raise RectifyError(str(err)) from None
     model = parent.build_model(device)
     layers = editable_layers(model)
     if layer is not None and layer not in layers:

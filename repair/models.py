@@ -31,6 +31,17 @@ def architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
 def build_model(spec: dict) -> nn.Module:
     """Build an untrained model from ``{"arch": name, **config}``."""
     if not isinstance(spec, dict) or "arch" not in spec:

@@ -328,7 +328,7 @@ def serve(bundle: str, host: str = "127.0.0.1", port: int = 8080, device: str = 
     import uvicorn
 
     from repair.bundle import Bundle
-    from server.runtime import resolve_device
+    from repair.models import resolve_device
 
     token = token or os.environ.get("REPAIR_TOKEN") or None
     # A separately run `repair-proxy worker` (e.g. its own container) replaces the embedded one.

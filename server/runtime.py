@@ -22,20 +22,10 @@ import torch
 from repair.bundle import Bundle, BundleError, Version
 from repair.cuda_graphs import GraphedForward, bucket
 from repair.images import MAX_PIXELS, decode_image
+from repair.models import resolve_device
 
 log = logging.getLogger("repair.server")
 MODES = ("on", "off", "shadow")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present; ``cuda`` without a GPU is a clear error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    return torch.device(device)
 
 
 @dataclass

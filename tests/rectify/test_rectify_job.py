@@ -217,7 +217,8 @@ def test_from_files_static_mode_edits_the_last_layer(digits_vit_blend, copy_bund
     assert result["before"]["confirm_accuracy"] == pytest.approx(confirmed)
 
 
-def test_cli_rectify_reports_bad_input_without_writing(digits_vit_blend, copy_bundle, tmp_path, capsys):
+def test_cli_rectify_reports_bad_input_without_writing(digits_vit_blend, copy_bundle, tmp_path, capsys,
+                                                      monkeypatch):
     from repair_proxy_cli import main
 
     dst = copy_bundle(digits_vit_blend)
@@ -232,6 +233,12 @@ def test_cli_rectify_reports_bad_input_without_writing(digits_vit_blend, copy_bu
         main(["rectify", "--bundle", str(dst), "--clean", str(png), "--corrupt", str(png),
               "--candidates", "0"])
     assert info.value.code != 0 and "candidates must be" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        main(["rectify", "--bundle", str(dst), "--clean", str(png), "--corrupt", str(png), "--device", "cuda"])
+    assert info.value.code != 0 and "no CUDA device is available" in capsys.readouterr().err
+    with pytest.raises(RectifyError, match="device must be auto, cpu or cuda"):
+        rectify_images(dst, clean, clean, device="tpu")
     assert Bundle(dst).version_ids() == before
 
 
