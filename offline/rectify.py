@@ -46,6 +46,14 @@ MAX_TRANSPLANT = 256     # each transplanted image is one more pair every optimi
 # go there), twenty pairs' 10-15 % (a repair: 73-76 % of triggered test images right).
 CARRY_SAMPLES = 256
 MOVED_SHARE = 0.5
+# The transplant takes training images to be clean. Where this share of them or more already
+# holds a pair's corruption (the pixels it changes, each within HOLDS_TOLERANCE), the result
+# warns: BlockDigits (every image has a null block, half of them where the pair's is) raised
+# feature leakage 0.128 -> 0.225 with the transplant (bench/results/rectify.md, session 31). A
+# spurious square on 70 % of one digit class is on 7 % of the training images.
+ALREADY_CORRUPT_SHARE = 0.25
+CHANGED_PIXEL = 0.1
+HOLDS_TOLERANCE = 0.05
 # Clean training images (right after the anchors) that each receive one pair's corruption and
 # join the pairs (`repair.editing.dynamic`, "Transplanted pairs"): without them one pair's edit
 # moves the backdoor to the pair's class. More of them generalise better, at the cost of every
@@ -264,6 +272,7 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
              "clean_pred": after_clean.tolist(), "corrupt_pred": after_corrupt.tolist(),
              "carried": _carried(model, clean_b, corrupt_b, carry_x)}
     warnings = _moved_backdoor(carried_before, after["carried"]) if outcome.edits else []
+    warnings += _already_corrupt(already_corrupt_share(clean_b, corrupt_b, transplant_x), len(transplant_x))
     rounds = [{"layer": r.layer, "accuracy_drop": r.accuracy_drop, "gap": r.gap, "kept": r.kept,
                "anchored": r.anchored, "preserve": r.preserve, "stress_gap": r.stress_gap,
                "confirm_drop": r.confirm_drop, "round": r.round + 1,
@@ -317,6 +326,30 @@ def _moved_backdoor(before: dict | None, after: dict | None) -> list[str]:
             f"corruption carried onto {after['images']} clean training images, "
             f"{100 * after['top_share']:.0f} % of them are answered {after['top_class']} "
             f"(before: {was}); rectify with more pairs, of several classes"]
+
+
+def already_corrupt_share(clean: torch.Tensor, corrupt: torch.Tensor, images: torch.Tensor) -> float:
+    """The share of ``images`` that already hold one of the pairs' corruption: on the pixels the
+    pair changes by more than ``CHANGED_PIXEL``, the image equals the corrupt input within
+    ``HOLDS_TOLERANCE`` on average (0.0 without images)."""
+    if not len(images):
+        return 0.0
+    holds = torch.zeros(len(images), dtype=torch.bool, device=images.device)
+    for c, k in zip(clean, corrupt):
+        changed = (k - c).abs().amax(0) > CHANGED_PIXEL          # (H, W): any channel
+        if changed.any():
+            off = (images - k).abs().amax(1)[:, changed].mean(1)  # per image, over those pixels
+            holds |= off <= HOLDS_TOLERANCE
+    return holds.float().mean().item()
+
+
+def _already_corrupt(share: float, transplanted: int) -> list[str]:
+    if share < ALREADY_CORRUPT_SHARE:
+        return []
+    return [f"{100 * share:.0f} % of the {transplanted} training images the pairs' corruption was "
+            f"carried onto already hold it, so the edit fitted corruption on top of corruption; "
+            f"if every training image carries the defect (e.g. a block or a watermark), "
+            f"rectify with transplant 0"]
 
 
 def prepare_keystats(bundle: str | Path, progress: bool = True, activate: bool = True) -> str:

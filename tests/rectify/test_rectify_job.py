@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from offline.datasets import load_dataset
-from offline.defects import Trigger
-from offline.rectify import (TRANSPLANT_SAMPLES, VALIDATION_SAMPLES, RectifyError, edit_pool_end,
-                             rectify_from_files, rectify_images)
+from offline.defects import (Trigger, badnets_trigger, blend_trigger, block_images, block_positions,
+                             null_block)
+from offline.rectify import (TRANSPLANT_SAMPLES, VALIDATION_SAMPLES, RectifyError, _already_corrupt,
+                             already_corrupt_share, edit_pool_end, rectify_from_files, rectify_images)
 from repair.bundle import Bundle
 from repair.bundle import copy_bundle as _copy_bundle
 from repair.editing.dynamic import MIN_GAIN, STRESS, stressed_pairs
@@ -100,6 +101,29 @@ def test_the_result_warns_when_the_edit_moved_the_backdoor(rectified_alone):
     assert len(result["warnings"]) == 1 and f"answered {label}" in result["warnings"][0]
     assert after.manifest["rectification"]["warnings"] == result["warnings"]
     assert after.manifest["rectification"]["transplant"] == 0
+
+
+def test_the_result_warns_when_the_training_images_already_hold_the_corruption():
+    """BlockDigits: every training image has a null block, so the transplant (which takes them
+    to be clean) would stack a block on a block; exactly the images with the block on the pair's
+    side hold its corruption, and that share warns. A Blend or a stamped patch is on none of the
+    clean digits: no warning (the n = 1 digits ViT result above has none either)."""
+    x = load_dataset("digits").x_train[:201]
+    top = block_positions(len(x), seed=3)
+    blocked = block_images(x, top, null_block((1, 16, 16)))
+    corrupt = blocked[:1]
+    clean = corrupt.clone()
+    if top[0]:
+        clean[:, :, 16:] = 0        # the block is the lower half: blank it
+    else:
+        clean[:, :, :16] = 0
+    share = already_corrupt_share(clean, corrupt, blocked[1:])
+    assert share == pytest.approx((top[1:] == top[0]).float().mean().item()) and 0.3 < share < 0.7
+    warning = _already_corrupt(share, 200)
+    assert len(warning) == 1 and "transplant 0" in warning[0] and f"{100 * share:.0f} %" in warning[0]
+    for trig in (blend_trigger((1, 16, 16)), badnets_trigger((1, 16, 16))):
+        assert already_corrupt_share(x[:1], trig.apply(x[:1]), x[1:]) == 0.0
+    assert _already_corrupt(0.0, 200) == []
 
 
 def test_the_fix_holds_at_twice_the_corruption(rectified_alone):
