@@ -52,7 +52,7 @@ from offline.rectify import ANCHOR_SAMPLES, VALIDATION_SAMPLES, training_images,
 from offline.zoo import bundle_test_data  # noqa: E402
 from rectify_common import ARCH_NAMES, CACHE, cached_zoo_bundle, write_results  # noqa: E402
 from repair.bundle import Bundle  # noqa: E402
-from repair.editing.dynamic import prediction_gap, rectify  # noqa: E402
+from repair.editing.dynamic import STRESS, prediction_gap, rectify  # noqa: E402
 from repair.editing.keystats import compute_keystats  # noqa: E402
 from repair.editing.layers import editable_layers  # noqa: E402
 from repair.metrics import accuracy, attack_success_rate  # noqa: E402
@@ -76,11 +76,10 @@ def _methods(model, layers, stats, clean, corrupt, labels, val_x, val_y, weights
         if method == "finetune":
             info = finetune_last_layer(model, clean, corrupt, labels, val_x, val_y, budget=0.005)
         elif method != "base":
-            paper = method == "dynamic-paper"
             out = rectify(model, layers, stats, clean, corrupt, labels, val_x, val_y,
                           budget=0.005, static=method == "static", progress=False, anchors=anchors,
                           transplant=transplant if method == "dynamic" else None,
-                          **({"stress": None} if paper else {}))
+                          stress=None if method == "dynamic-paper" else STRESS)
             info = {"rounds": [{"layer": r.layer, "kept": r.kept, "gap": r.gap, "anchored": r.anchored,
                                 "accuracy_drop": r.accuracy_drop} for r in out.rounds],
                     "seconds": round(time.perf_counter() - started, 1)}
