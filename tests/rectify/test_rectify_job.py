@@ -126,6 +126,20 @@ def test_the_result_warns_when_the_training_images_already_hold_the_corruption()
     assert _already_corrupt(0.0, 200) == []
 
 
+def test_a_rectification_whose_corruption_every_training_image_holds_warns(digits_vit_blend, copy_bundle):
+    """End to end: a pair whose "clean" side has a white top-left corner, its corrupt side the
+    digit as it is, so the corruption (a black corner) is in nearly every training image; the
+    result and the new version's manifest carry the warning. The Blend pairs above carry none."""
+    dst = copy_bundle(digits_vit_blend)
+    corrupt, _, label, *_ = _pair(dst)
+    clean = corrupt.clone()
+    clean[:, :4, :4] = 1.0
+    result = rectify_images(dst, clean, corrupt, label=label, static=True, progress=False)
+    assert len(result["warnings"]) == 1 and "transplant 0" in result["warnings"][0], result["warnings"]
+    assert f"of the {TRANSPLANT_SAMPLES} training images" in result["warnings"][0]
+    assert Bundle(dst).version(result["version"]).manifest["rectification"]["warnings"] == result["warnings"]
+
+
 def test_the_fix_holds_at_twice_the_corruption(rectified_alone):
     """Stressed pair (x + 2(x̃ − x)): the parent answers it with the target, the new version
     with the clean label, and every kept round that closed the pair's gap lowered the stressed
