@@ -171,7 +171,8 @@ def rectify_images(bundle: str | Path, clean: torch.Tensor, corrupt: torch.Tenso
     (the edits are the same; the digits ViT is no faster on an H100: ``rectify_timing_cuda.md``).
     The result's ``before`` / ``after`` hold ``carried`` (the pairs' corruption on clean
     training images: :func:`_carried`) and ``warnings`` says when the edit seems to have moved
-    the backdoor to another class rather than removed it.
+    the backdoor to another class rather than removed it, and when the training images the
+    transplant takes to be clean already hold the pairs' corruption (:func:`already_corrupt_share`).
     Raises :class:`RectifyError` before anything is written on bad input.
     """
     started = time.perf_counter()
