@@ -53,7 +53,8 @@ def _atpatch_build(a):
         print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps({"version": version.id, "detector": meta.get("detector_metrics", {}),
                       "variants": meta.get("variants", {}), "threshold": meta.get("threshold"),
-                      "layer_thresholds": meta.get("layer_thresholds"), "row_gate": meta.get("row_gate"),
+                      "layer_thresholds": meta.get("layer_thresholds"), "top_margin": meta.get("top_margin"),
+                      "row_gate": meta.get("row_gate"),
                       "calibration": {k: meta.get("calibration", {}).get(k) for k in ("method", "chosen")},
                       "held_out": meta.get("held_out"), "warnings": meta.get("warnings", [])}))
 
@@ -130,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--threshold", type=float, default=0.1, help="τ (Eq. 9)")
     p.add_argument("--no-calibration", action="store_true",
-                   help="keep τ for every layer (backdoor builds otherwise raise it per layer on clean "
-                        "images, or lower it with --target-gate as far as held-out accuracy allows)")
+                   help="keep τ for every layer and flag every column above it (backdoor builds otherwise "
+                        "raise τ per layer on clean images, or lower it with --target-gate as far as held-out "
+                        "accuracy allows, and flag only columns within a top margin of their map's highest)")
     p.add_argument("--target-gate", action="store_true",
                    help="backdoor: patch only requests the bare model answers with the target class (a false "
                         "flag then costs no accuracy; an attacked request costs two forward passes)")

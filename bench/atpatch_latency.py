@@ -93,12 +93,20 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
             finally:
                 atp.gate = None
 
+        def without_margin(x):  # the build's top margin (``flag_columns``) left out: what it costs
+            margin, atp.top_margin = atp.top_margin, None
+            try:
+                atp(x, "on")
+            finally:
+                atp.top_margin = margin
+
         runs = {"fused": fused, "eager": eager, "off": lambda: atp(xc, "off"),
                 **({"ops-clean": lambda: atp_ops(xc, "on"), "ops-patch": lambda: atp_ops(xb, "on")}
                    if atp_ops is not None else {}),
                 "on-clean": lambda: atp(xc, "on"), "on-patch": lambda: atp(xb, "on"),
                 "gated-clean": lambda: gated(xc), "gated-flagged": lambda: gated(xf),
-                "gated-patch": lambda: gated(xb)}
+                "gated-patch": lambda: gated(xb),
+                **({"on-patch-no-margin": lambda: without_margin(xb)} if atp.top_margin is not None else {})}
         with torch.inference_mode():  # every variant, as the server runs its passes (``Served._pass``)
             times = _timings(runs, reps, device)
         med = _medians_ms(times)
@@ -112,6 +120,8 @@ def bench(bundle: str, reps: int, device: str, threads: int) -> dict:
                                         for k in ("clean", "flagged", "patch")},
             "eager_vs_fused": round(med["eager"] / med["fused"] - 1, 4),
         }
+        if "on-patch-no-margin" in med:
+            results[f"batch{bs}"]["top_margin_cost_patched"] = round(med["on-patch"] / med["on-patch-no-margin"] - 1, 4)
         if atp_ops is not None:
             results[f"batch{bs}"]["torch_ops_overhead_vs_eager"] = {
                 k: round(med[f"ops-{k}"] / med["eager"] - 1, 4) for k in ("clean", "patch")}
@@ -174,9 +184,16 @@ def graphed_runs(atp: AtPatch, inputs: dict, results: dict, reps: int, device) -
         g_off = GraphedForward(lambda x: (atp(x, "off").logits,), bs)
         g_on = GraphedForward(patch_fields, bs)
         same = all(torch.equal(a, b) for x in (xc, xb) for a, b in zip(g_on(x)[1:], patch_fields(x)[1:]))
-        med = _medians_ms(_timings({"fused": lambda: g_fused(xc), "eager": lambda: g_eager(xc),
-                                    "off": lambda: g_off(xc), "on-clean": lambda: g_on(xc),
-                                    "on-patch": lambda: g_on(xb)}, reps, device))
+        runs = {"fused": lambda: g_fused(xc), "eager": lambda: g_eager(xc), "off": lambda: g_off(xc),
+                "on-clean": lambda: g_on(xc), "on-patch": lambda: g_on(xb)}
+        margin = atp.top_margin
+        if margin is not None:  # what the build's top margin (``flag_columns``) costs: a graph captured without it
+            atp.top_margin = None
+            g_plain = GraphedForward(patch_fields, bs)
+            g_plain(xc)  # captured now, without the margin
+            atp.top_margin = margin
+            runs["on-clean-no-margin"] = lambda: g_plain(xc)
+        med = _medians_ms(_timings(runs, reps, device))
         eager_ms = results[f"batch{bs}"]["median_ms"]["eager"]
         results[f"batch{bs}"]["cuda_graphs"] = {
             "median_ms": {k: round(v, 4) for k, v in med.items()},
@@ -186,6 +203,9 @@ def graphed_runs(atp: AtPatch, inputs: dict, results: dict, reps: int, device) -
             "unpatched_vs_plain_eager": round(med["on-clean"] / eager_ms - 1, 4),
             "patched_vs_plain_eager": round(med["on-patch"] / eager_ms - 1, 4),
         }
+        if margin is not None:
+            results[f"batch{bs}"]["cuda_graphs"]["top_margin_cost"] = round(
+                med["on-clean"] / med["on-clean-no-margin"] - 1, 4)
 
 
 PLOT_ORDER = ("fused", "eager", "off", "on-clean", "on-patch", "gated-clean", "gated-flagged", "gated-patch",
@@ -265,6 +285,13 @@ def main():
                          + " | ".join(" ".join(f"{v:+.1%}" for v in r[f"{kind}_overhead_by_block"])
                                       for kind in ("unpatched", "patched")) + " |")
     lines += gated
+    costs = [(run["device"], name[5:], r["median_ms"]["on-patch-no-margin"], r["top_margin_cost_patched"])
+             for run in runs for name, r in run["results"].items() if "top_margin_cost_patched" in r]
+    if costs:
+        lines += ["", "The build's top margin (`flag_columns`: a column flagged only within it of its map's highest) "
+                  "on the patched request, against the same request without it:", "",
+                  "| device | batch | patched without the margin ms | the margin's cost |", "|---|---|---|---|"]
+        lines += [f"| {d} | {b} | {ms} | {c:+.1%} |" for d, b, ms, c in costs]
     ops = [(run["device"], name[5:], r["torch_ops_overhead_vs_eager"]) for run in runs
            for name, r in run["results"].items() if "torch_ops_overhead_vs_eager" in r]
     if ops:
@@ -292,6 +319,13 @@ def main():
                          f"{m['on-patch']} | {g['unpatched_overhead_vs_graphed_eager']:+.1%} | "
                          f"{g['patched_overhead_vs_graphed_eager']:+.1%} | {g['unpatched_vs_plain_eager']:+.1%} | "
                          f"{g['patched_vs_plain_eager']:+.1%} | {g['flags_match_eager_hooks']} |")
+        costs = [(batch, g["top_margin_cost"], g["median_ms"]["on-clean-no-margin"])
+                 for _, batch, g in graphed if "top_margin_cost" in g]
+        if costs:
+            lines += ["", "The build's top margin (`flag_columns`: a column flagged only within it of its map's "
+                      "highest), against the same graphed unpatched request captured without it:", "",
+                      "| batch | without the margin ms | the margin's cost |", "|---|---|---|"]
+            lines += [f"| {batch} | {ms} | {cost:+.1%} |" for batch, cost, ms in costs]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(runs[0], out.with_suffix(".png"))
     print("\n".join(lines))

@@ -53,7 +53,8 @@ def sweep(bundle: Path) -> list[dict]:
     rows = []
     for tau in SWEEP_THRESHOLDS:
         for variant in ("replace", "masked"):
-            a = AtPatch(model, det, benign, threshold=tau, variant=variant, layers=meta["layers"], gate=row_gate(meta))
+            a = AtPatch(model, det, benign, threshold=tau, variant=variant, layers=meta["layers"], gate=row_gate(meta),
+                        top_margin=meta.get("top_margin"))
             r, rb = a(data.x_test), a(xb)
             rows.append({"threshold": tau, "variant": variant,
                          "accuracy": round((r.logits.argmax(-1) == data.y_test).float().mean().item(), 4),
@@ -76,7 +77,7 @@ def build_and_evaluate(zoo: Path, work: Path, epochs: int, seed: int, heatmaps: 
     on["heatmaps"] = [str(Path(p).relative_to(OUT.parent.parent)) for p in on.get("heatmaps", [])]
     return {"seed": seed, "bundle": str(bundle), "build_seconds": round(build_s, 1), "on": on,
             "atpatch_manifest": {k: version.manifest["atpatch"][k] for k in
-                                 ("threshold", "layer_thresholds", "calibration", "variants",
+                                 ("threshold", "layer_thresholds", "calibration", "top_margin", "variants",
                                   "variant_selection", "layers", "layer_selection",
                                   "detector_metrics", "debugging_set", "inversion", "training")}}
 
@@ -118,14 +119,16 @@ def main():
              "and as many clean inputs), on the layers the Detector runs on, at the build's thresholds: "
              "τ = 0.1, raised per layer where the build's calibration chose a clean-flag rate α, or "
              "lowered to one τ for every layer where a target-gated build could afford it "
-             "(column calibration: α or τ, or none; τ per layer in the JSON). "
+             "(column calibration: α or τ, or none; τ per layer in the JSON), and only columns within the build's "
+             "top margin of their map's highest (`flag_columns`; column top margin, logits, or none). "
              f"Target gate: {'yes' if args.target_gate else 'no'}.", "",
              f"Unpatched: accuracy {off['accuracy']}, ASR {off['asr']}; clean images of the other classes "
              f"answered with the target: {off['clean_to_target']} (what ASR stays at when the trigger "
              "is removed perfectly; column clean → target: the same with the patch on).", "",
-             "| seed | build s | layers | variant | calibration | accuracy | ASR | clean → target | clean patch rate | precision "
-             "| recall | FPR | FNR | no Detector: acc / ASR | no rescaling: acc / ASR | real trigger's columns: acc / ASR |",
-             "|" + "---|" * 16]
+             "| seed | build s | layers | variant | calibration | top margin | accuracy | ASR | clean → target | "
+             "clean patch rate | precision | recall | FPR | FNR | no Detector: acc / ASR | no rescaling: acc / ASR | "
+             "real trigger's columns: acc / ASR |",
+             "|" + "---|" * 17]
     for b in builds:
         on, d, meta = b["on"], b["on"]["detector"], b["atpatch_manifest"]
         ab = on.get("ablations", {})
@@ -134,6 +137,7 @@ def main():
         alpha = "none" if calib["chosen"] is None else \
             f"{CALIBRATION_SYMBOL[calib.get('method', 'clean_flag_rate')]} = {calib['chosen']}"
         lines.append(f"| {b['seed']} | {b['build_seconds']} | {meta['layers']} | {meta['variants']['backdoor']} | {alpha} | "
+                     f"{meta.get('top_margin') or 'none'} | "
                      f"{on['accuracy']} | {on['asr']} | {on['clean_to_target']} | {on['patch_rate']['clean']} | {d['precision']} | "
                      f"{d['recall']} | {d['fpr']} | {d['fnr']} | {nd.get('accuracy')} / {nd.get('asr')} | "
                      f"{nr.get('accuracy')} / {nr.get('asr')} | {tc.get('accuracy')} / {tc.get('asr')} |")
@@ -156,7 +160,8 @@ def main():
                   "clean images the bare model answers with the target, every triggered one): " +
                   "; ".join(f"seed {s}: precision {d['precision']}, recall {d['recall']}, FPR {d['fpr']}, "
                             f"FNR {d['fnr']}" for s, d in served) + "."]
-    lines += ["", f"One τ for every layer (no calibration) and variant sweep, seed {seeds[0]}'s build, on its layers, "
+    lines += ["", f"One τ for every layer (no calibration; the build's top margin kept) and variant sweep, "
+              f"seed {seeds[0]}'s build, on its layers, "
               f"{'gated' if args.target_gate else 'every flagged row patched'}:", "",
               "| τ | variant | accuracy | ASR | clean patch rate |", "|---|---|---|---|---|"]
     lines += [f"| {r['threshold']} | {r['variant']} | {r['accuracy']} | {r['asr']} | {r['clean_patch_rate']} |"

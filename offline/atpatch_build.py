@@ -9,7 +9,8 @@ them) are chosen on held-out inputs by the defect metric and accuracy; the measu
 stored in the manifest, and the Detector's strict metrics are taken on the chosen layers'
 held-out maps. Backdoor builds also calibrate τ per layer on clean images (``_calibrate``): the
 Detector then flags at most a share α of clean maps per layer, where held-out inputs show that
-this does not let the (inverted) trigger through. The held-out defect metric and accuracy with
+this does not let the (inverted) trigger through, and flag only columns within a top margin of
+their map's highest (``_check_top_margin``, ``flag_columns``). The held-out defect metric and accuracy with
 and without the patch are stored too; where the patch leaves the defect or costs accuracy beyond
 ``WARN_DEFECT`` / ``WARN_ACCURACY_DROP`` the manifest and the command line carry a warning.
 Fairness builds gate rows (``row_gate``): only rows whose answer depends on the protected values
@@ -157,17 +158,30 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
         if calibration["chosen"] is not None:
             thresholds, best = calibration["layer_thresholds"], calibration["measured"]
             run = _runner(model, det, benign, thresholds, measure, gate)
+        if not calibrate:
+            margin_choice = {"chosen": None, "reason": "not asked for"}
+        else:
+            margin_choice = _check_top_margin(
+                lambda margin: _runner(model, det, benign, thresholds, measure, gate, margin),
+                det, held, thresholds, variant, best, layer_tolerance)
+        top_margin = margin_choice["chosen"]
+        if top_margin is not None:
+            best = {k: margin_choice["with"][k] for k in ("defect_metric", "accuracy")}
+            run = _runner(model, det, benign, thresholds, measure, gate, top_margin)
         layer_selection = _choose_layers(run, variant, best, det.n_layers, layer_tolerance)
     else:  # a protected token left readable in any layer carries its value to [CLS]
         calibration = {"chosen": None, "reason": "fairness: the protected tokens are flagged on every row"}
+        top_margin, margin_choice = None, {"chosen": None, "reason": "fairness: several protected tokens "
+                                                                   "may be flagged on one row"}
         layer_selection = {"chosen": list(range(det.n_layers)), "reason": "fairness masks every layer",
                            "measured": best}
     layers = layer_selection["chosen"]
     held_out = {"unpatched": run(variant, layers, "off"),
                 "patched": layer_selection["measured"], "measured_on": _MEASURED_ON}
     if gate is not None:  # what the gate saves
-        held_out["patched_without_gate"] = _runner(model, det, benign, thresholds, measure)(variant, layers)
-    flags = detect_maps(det, held.maps, thresholds)
+        held_out["patched_without_gate"] = _runner(model, det, benign, thresholds, measure,
+                                                   top_margin=top_margin)(variant, layers)
+    flags = detect_maps(det, held.maps, thresholds, top_margin=top_margin)
     truth = torch.cat([held.labels[l] for l in layers])
     metrics = strict_metrics(torch.cat([flags[l] for l in layers]), truth)
     if kind == "fairness":  # what is served: the Detector's flags on the rows the gate lets through
@@ -178,6 +192,8 @@ def build_detector(bundle: str | Path, protected: list[str] | None = None, epoch
         "threshold": threshold,
         "layer_thresholds": thresholds,
         "calibration": calibration,
+        "top_margin": top_margin,
+        "top_margin_choice": margin_choice,
         "defect_kind": kind,
         "row_gate": gate.name if gate is not None else None,
         "variants": {kind: selection["chosen"]},
@@ -244,11 +260,12 @@ def _held_out_eval(model, kind, data, extra):
 _MEASURED_ON = "held-out inputs (inverted trigger / protected swaps)"
 
 
-def _runner(model, det, benign, threshold, measure, gate: RowGate | None = None):
+def _runner(model, det, benign, threshold, measure, gate: RowGate | None = None, top_margin: float | None = None):
     """``run(variant, layers, mode="on") -> {defect_metric, accuracy}`` of AtPatch on the held-out
     inputs (``mode="off"``: the unpatched model)."""
     def run(variant, layers, mode="on"):
-        patch = AtPatch(model, det, benign, threshold=threshold, variant=variant, layers=layers, gate=gate)
+        patch = AtPatch(model, det, benign, threshold=threshold, variant=variant, layers=layers, gate=gate,
+                        top_margin=top_margin)
         try:
             defect, acc = measure(patch, mode)
         finally:
@@ -351,6 +368,38 @@ def _calibrate(runner_at, det, clean_maps: list[torch.Tensor], threshold: float,
         out.update(layer_thresholds=pick["layer_thresholds"],
                    measured={k: pick[k] for k in ("defect_metric", "accuracy")})
     return out
+
+
+# The top margin (logits) of ``repair.atpatch.detector.flag_columns`` that backdoor builds serve
+# where held-out inputs allow it (``_check_top_margin``). Why 2: on the three digits builds'
+# test maps the real trigger's column sat at least 2.4 logits above every other column in 99 % of
+# triggered maps, and every margin of 0.5-2 brought strict FNR to 0-0.003; at 4, 0.015-0.037
+# (test maps, scored against the real trigger, which the build cannot see: a fixed margin, not
+# one fitted to them). Narrower ones drop more of an inverted trigger's weaker tokens: at 1 the
+# held-out inverted trigger's ASR rose on two of the three builds (3.2 → 3.6 %, 4.8 → 5.2 %).
+TOP_MARGIN = 2.0
+
+
+@torch.no_grad()
+def _check_top_margin(runner_at, det, held: DebugSet, thresholds: list[float], variant: str, base: dict,
+                      tolerance: float) -> dict:
+    """Serve ``TOP_MARGIN`` unless it lets the held-out inverted trigger through or costs held-out
+    accuracy: ASR above ``tolerance`` over the build's without it (``base``) and above
+    ``WARN_DEFECT``, or accuracy more than ``tolerance`` below. The held-out debugging maps' strict
+    FPR / FNR with and without it are stored beside (the inverted trigger's tokens as truth: its
+    mask spills onto tokens the Detector rightly leaves, so its FNR stays high either way)."""
+    labels = torch.cat(held.labels)
+
+    def strict(margin):
+        m = strict_metrics(torch.cat(detect_maps(det, held.maps, thresholds, top_margin=margin)), labels)
+        return {k: m[k] for k in ("fpr", "fnr")}
+
+    measured = {**runner_at(TOP_MARGIN)(variant, None), **strict(TOP_MARGIN)}
+    ok = not (measured["defect_metric"] > max(base["defect_metric"] + tolerance, WARN_DEFECT["backdoor"])
+              or measured["accuracy"] < base["accuracy"] - tolerance)
+    return {"chosen": TOP_MARGIN if ok else None, "tolerance": tolerance,
+            "measured_on": _MEASURED_ON + "; strict metrics on held-out debugging maps",
+            "without": {**base, **strict(None)}, "with": measured}
 
 
 # τ tried by ``_lower_threshold`` (target-gated builds), in this order; those not below the

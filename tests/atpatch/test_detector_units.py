@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from repair.atpatch.benign import benign_columns
-from repair.atpatch.detector import (Detector, DetectorError, contrastive_loss, detect_maps,
+from repair.atpatch.detector import (Detector, DetectorError, contrastive_loss, detect_maps, flag_columns,
                                      strict_metrics, train_detector)
 from repair.atpatch.trigger_inversion import mad_anomaly_index
 
@@ -16,6 +16,24 @@ def test_strict_metrics_count_exact_maps_only():
     m = strict_metrics(flags, truth)
     assert (m["tp"], m["fn"], m["tn"], m["fp"]) == (1, 1, 1, 1)  # missing one column is an FN
     assert m["precision"] == 0.5 and m["fnr"] == 0.5 and m["fpr"] == 0.5
+
+
+def test_the_top_margin_drops_columns_far_below_their_maps_top_and_never_the_top():
+    z = 0.0  # τ = 0.5 as a logit
+    logits = torch.tensor([[5.0, 1.0, -3.0, 0.5],    # the trigger's column and one ordinary column above τ
+                           [2.0, 1.5, -3.0, -3.0],   # two columns within the margin of each other
+                           [0.8, 0.3, -3.0, -3.0],   # a clean map with an ordinary column above τ
+                           [-1.0, -2.0, -3.0, -3.0]])  # nothing above τ
+    truth = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    plain, margin = flag_columns(logits, z), flag_columns(logits, z, top_margin=2.0)
+    assert plain.tolist() == [[True, True, False, True], [True, True, False, False],
+                              [True, True, False, False], [False] * 4]
+    assert margin.tolist() == [[True, False, False, False], [True, True, False, False],
+                               [True, True, False, False], [False] * 4]
+    # Eq. 9 alone: an extra column on the triggered map is a strict FN; the margin makes it a TP and
+    # leaves the clean map's flag (an FP either way: the margin never drops a map's top column)
+    assert (strict_metrics(plain, truth)["fnr"], strict_metrics(margin, truth)["fnr"]) == (0.5, 0.0)
+    assert strict_metrics(plain, truth)["fpr"] == strict_metrics(margin, truth)["fpr"] == 0.5
 
 
 def test_mad_picks_the_small_outlier():

@@ -2,22 +2,24 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from contextlib import contextmanager
 
 import pytest
 import torch
 
-from offline.atpatch_build import (CLEAN_FLAG_RATES, GATED_THRESHOLDS, BuildError, _calibrate, _lower_threshold,
-                                   _warnings, build_detector)
+from offline.atpatch_build import (CLEAN_FLAG_RATES, GATED_THRESHOLDS, TOP_MARGIN, BuildError, _calibrate,
+                                   _check_top_margin, _lower_threshold, _warnings, build_detector)
 from offline.datasets import load_dataset
 from offline.defects import Trigger
 from repair.atpatch import benign as benign_io
 from repair.atpatch import cpu_kernel
-from repair.atpatch.detector import Detector, DetectorError, logit_threshold
+from repair.atpatch.debugging_set import DebugSet, patch_tokens
+from repair.atpatch.detector import Detector, DetectorError, logit_threshold, map_logits
 from repair.atpatch.redistribution import redistribute
 from repair.atpatch.runtime import AtPatch, CounterfactualGate, TargetClassGate, row_gate
 from repair.atpatch.trigger_inversion import RESTARTS
-from repair.attention import NoAttentionError
+from repair.attention import NoAttentionError, attention_maps
 from repair.bundle import Bundle, state_dict_for_saving
 from repair.models import build_model
 
@@ -104,6 +106,31 @@ def test_calibration_takes_the_smallest_clean_flag_rate_that_keeps_the_trigger_s
     assert blind["chosen"] is None and tried == [] and "held-out" in blind["reason"]
 
 
+class _OneLayerScores(_ScoresAreTheMaps):
+    n_layers = 1
+
+
+def test_the_top_margin_is_served_only_where_held_out_inputs_allow_it():
+    """``_check_top_margin`` with stand-in held-out runners; the held-out debugging maps' strict
+    metrics are taken with and without the margin (the stand-in's logits are the maps' row)."""
+    maps = torch.tensor([[[5.0, 1.0, -3.0]], [[4.0, -3.0, -3.0]], [[1.0, -3.0, -3.0]], [[-3.0, -3.0, -3.0]]])
+    labels = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    held = DebugSet([maps], [labels], torch.tensor([2, 3, 0, 1]), torch.tensor([False, False, True, True]))
+    base = {"defect_metric": 0.02, "accuracy": 0.97}
+
+    def check(asr, acc):
+        return _check_top_margin(lambda margin: lambda v, l: {"defect_metric": asr, "accuracy": acc},
+                                 _OneLayerScores(), held, [0.5], "replace", base, 0.005)
+
+    kept = check(0.02, 0.97)
+    assert kept["chosen"] == TOP_MARGIN
+    assert (kept["without"]["fnr"], kept["with"]["fnr"]) == (0.5, 0.0)  # map 0's extra column dropped
+    assert kept["without"]["fpr"] == kept["with"]["fpr"] == 0.5
+    assert check(0.04, 0.97)["chosen"] == TOP_MARGIN  # below the level the build warns at
+    assert check(0.06, 0.97)["chosen"] is None        # the inverted trigger gets through
+    assert check(0.02, 0.96)["chosen"] is None        # held-out accuracy falls
+
+
 def test_gated_builds_lower_tau_until_accuracy_or_asr_says_stop():
     """A stand-in held-out runner: ASR falls as τ falls; accuracy holds down to ``cliff``."""
     base = {"defect_metric": 0.18, "accuracy": 0.87}
@@ -179,9 +206,10 @@ def test_the_gpu_hook_path_flags_and_answers_as_the_cpu_path(patched):
                                    atp.detector.logits_from_heads(maps, layer), rtol=1e-5, atol=1e-5)
     data = load_dataset("digits")
     x = torch.cat([data.x_test[:48], Trigger.from_tensors(version.tensors("defect")).apply(data.x_test[:48])])
-    served_gate = atp.gate
-    for gate in (None, TargetClassGate(version.manifest["defect"]["target_class"])):
-        atp.gate = gate
+    served_gate, served_margin = atp.gate, atp.top_margin
+    for gate, margin in itertools.product((None, TargetClassGate(version.manifest["defect"]["target_class"])),
+                                          (None, TOP_MARGIN)):
+        atp.gate, atp.top_margin = gate, margin
         try:
             with _torch_ops(atp):  # the same Γ as the tensor path's (the kernels: the test below)
                 cpu_path = atp(x, "on")
@@ -190,11 +218,40 @@ def test_the_gpu_hook_path_flags_and_answers_as_the_cpu_path(patched):
             atp._step = functools.partial(atp._device_step, fusable=True)  # what compile_hot_path compiles
             tensor_paths.append(atp(x, "on"))
         finally:
-            atp.gate, atp.tensor_only, atp._step = served_gate, False, atp._device_step
+            atp.gate, atp.top_margin, atp.tensor_only, atp._step = served_gate, served_margin, False, atp._device_step
         assert cpu_path.patched[48:].float().mean() > 0.9 and not cpu_path.patched[:48].all()
         for tensor_path in tensor_paths:
             assert torch.equal(tensor_path.flagged, cpu_path.flagged)
             assert torch.equal(tensor_path.logits, cpu_path.logits)
+
+
+def test_the_top_margin_leaves_the_trigger_flagged_and_the_columns_far_below_it_alone(patched):
+    """At a low τ the Detector flags ordinary columns beside the real trigger's (strict FNs);
+    with the margin only the columns near each map's top stay flagged, the trigger's among them."""
+    version, model, atp = patched
+    data = load_dataset("digits")
+    trigger = Trigger.from_tensors(version.tensors("defect"))
+    x_bad = trigger.apply(data.x_test[data.y_test != version.manifest["defect"]["target_class"]][:96])
+    tokens = patch_tokens(trigger.mask, int(version.manifest["architecture"]["patch_size"]))
+    benign = benign_io.from_tensors(version.tensors("benign"), 3)
+    flags = {}
+    with atp.bare():  # the fixture's hooks out of the way
+        for margin in (None, TOP_MARGIN):
+            low = AtPatch(model, atp.detector, benign, threshold=0.02, layers=[0], top_margin=margin)
+            try:
+                flags[margin] = low(x_bad).flagged[:, 0]
+            finally:
+                low.remove()
+        logits = map_logits(atp.detector, attention_maps(model, x_bad)[:1])[0]
+    plain, kept = flags[None], flags[TOP_MARGIN]
+    assert plain[:, tokens].all() and kept[:, tokens].all()   # the real trigger's column, either way
+    assert (plain & ~kept).any() and not (kept & ~plain).any()   # the margin only drops flags
+    extra = lambda f: f.sum(1) > len(tokens)  # noqa: E731
+    assert extra(plain).float().mean() > 0.5 and extra(kept).float().mean() < 0.1
+    top = logits.amax(1, keepdim=True)
+    assert (logits[kept] >= (top - TOP_MARGIN).expand_as(logits)[kept]).all()
+    with pytest.raises(DetectorError, match="top margin"):
+        AtPatch(model, atp.detector, benign, top_margin=0.0)
 
 
 def test_a_hook_step_that_fails_to_compile_runs_uncompiled(patched, monkeypatch):
