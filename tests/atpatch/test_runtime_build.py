@@ -240,14 +240,18 @@ def test_the_top_margin_leaves_the_trigger_flagged_and_the_columns_far_below_it_
             low = AtPatch(model, atp.detector, benign, threshold=0.02, layers=[0], top_margin=margin)
             try:
                 flags[margin] = low(x_bad).flagged[:, 0]
+                for i in range(8):  # one image a request: the CPU path's batch-1 form of the margin
+                    assert torch.equal(low(x_bad[i:i + 1]).flagged[0, 0], flags[margin][i])
             finally:
                 low.remove()
         logits = map_logits(atp.detector, attention_maps(model, x_bad)[:1])[0]
     plain, kept = flags[None], flags[TOP_MARGIN]
     assert plain[:, tokens].all() and kept[:, tokens].all()   # the real trigger's column, either way
     assert (plain & ~kept).any() and not (kept & ~plain).any()   # the margin only drops flags
-    extra = lambda f: f.sum(1) > len(tokens)  # noqa: E731
-    assert extra(plain).float().mean() > 0.5 and extra(kept).float().mean() < 0.1
+    def share_with_extra_flags(f):
+        return (f.sum(1) > len(tokens)).float().mean()
+
+    assert share_with_extra_flags(plain) > 0.5 and share_with_extra_flags(kept) < 0.1
     top = logits.amax(1, keepdim=True)
     assert (logits[kept] >= (top - TOP_MARGIN).expand_as(logits)[kept]).all()
     with pytest.raises(DetectorError, match="top margin"):
