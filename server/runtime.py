@@ -157,6 +157,8 @@ class Served:
         if self.patcher is None:
             return self.model(x), None, None
         r = self.patcher(x, mode)
+        if r.nothing_flagged:  # ``_pass`` makes the one zeros tensor a batch result needs
+            return r.logits, None, None
         return r.logits, r.patched, r.flagged
 
     def _graph_forwards(self, max_batch_size: int) -> dict:

@@ -34,7 +34,6 @@ import functools
 import itertools
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -65,22 +64,42 @@ def _without_grad(fn):
     return run
 
 
-@dataclass
 class PatchResult:
-    logits: torch.Tensor    # (B, classes)
-    patched: torch.Tensor   # bool (B,): any column flagged in any layer
-    flagged: torch.Tensor   # bool (B, L, N): per layer, per token
+    """One pass's answer: ``logits`` (B, classes); ``flagged`` bool (B, L, N), per layer and token;
+    ``patched`` bool (B,), any column flagged in any layer.
 
-    def columns(self, i: int) -> list[tuple[int, int]]:
-        return [(int(l), int(t)) for l, t in self.flagged[i].nonzero().tolist()]
+    ``PatchResult.unpatched``: nothing flagged in any row (a row gate's answer, a CPU request
+    the Detector flagged nothing in), which ``nothing_flagged`` says without a tensor op; its
+    ``flagged`` and ``patched`` are zeros made only when read. Why: the server reads neither for
+    such a request, and the two allocations right after the forward cost ~20 µs at batch 1, 3 %
+    of the digits ViT's eager forward (Intel Xeon, ``bench/results/atpatch_latency_xeon.md``
+    against ``atpatch_latency_xeon_d7e8019.md``: the unpatched request +8.6 → +6.5 %)."""
+
+    def __init__(self, logits: torch.Tensor, flagged: torch.Tensor):
+        self.logits, self._flagged, self._patched = logits, flagged, None
+        self.nothing_flagged = False
 
     @classmethod
     def unpatched(cls, logits: torch.Tensor, n_layers: int, n_tokens: int) -> "PatchResult":
-        """``logits`` with nothing flagged (a row gate's answer, a CPU request nothing was flagged
-        in): two zeroed tensors, no reduction (after a forward each tensor op costs 3-4 µs, ~0.5 %
-        of the digits ViT's at batch 1 on an Intel Xeon)."""
-        zeros = functools.partial(torch.zeros, dtype=torch.bool, device=logits.device)
-        return cls(logits, zeros(len(logits)), zeros(len(logits), n_layers, n_tokens))
+        result = cls(logits, None)
+        result.nothing_flagged, result._shape = True, (len(logits), n_layers, n_tokens)
+        return result
+
+    @property
+    def flagged(self) -> torch.Tensor:
+        if self._flagged is None:
+            self._flagged = torch.zeros(self._shape, dtype=torch.bool, device=self.logits.device)
+        return self._flagged
+
+    @property
+    def patched(self) -> torch.Tensor:
+        if self._patched is None:
+            self._patched = (torch.zeros(len(self.logits), dtype=torch.bool, device=self.logits.device)
+                             if self.nothing_flagged else self._flagged.flatten(1).any(1))
+        return self._patched
+
+    def columns(self, i: int) -> list[tuple[int, int]]:
+        return [(int(l), int(t)) for l, t in self.flagged[i].nonzero().tolist()]
 
 
 class CounterfactualGate:
@@ -126,7 +145,8 @@ class CounterfactualGate:
     def dependent_rows(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self._enumerate(model, x)[0]
 
-    def rows_to_patch(self, patch: "AtPatch", x: torch.Tensor) -> tuple[torch.Tensor, PatchResult]:
+    def rows_to_patch(self, patch: "AtPatch",
+                      x: torch.Tensor) -> tuple[torch.Tensor | None, PatchResult]:
         rows, logits = self._enumerate(patch.model, x)
         return rows, PatchResult.unpatched(logits, patch.access.n_layers, patch.access.seq_len)
 
@@ -152,14 +172,17 @@ class TargetClassGate:
     def __init__(self, target: int):
         self.target = int(target)
 
-    def rows_to_patch(self, patch: "AtPatch", x: torch.Tensor) -> tuple[torch.Tensor, PatchResult]:
+    def rows_to_patch(self, patch: "AtPatch",
+                      x: torch.Tensor) -> tuple[torch.Tensor | None, PatchResult]:
         first = patch._forward(x, detect_only=True)
-        if not patch.tensor_only and not bool(first.patched.any()):
-            return first.patched, first  # CPU, where reading is free: nothing flagged, nothing to gate
+        if first.nothing_flagged:
+            return None, first  # nothing flagged (the CPU path knows it without a tensor read)
         rows = first.patched & (first.logits.argmax(-1) == self.target)
         return rows, PatchResult.unpatched(first.logits, patch.access.n_layers, patch.access.seq_len)
 
 
+# ``rows_to_patch(patch, x) -> (rows, answer)``: bool (B,) rows to patch (None: none), and the answer
+# to give where no row is patched.
 RowGate = CounterfactualGate | TargetClassGate
 
 
@@ -345,7 +368,7 @@ class AtPatch:
             return self._forward(x)
         rows, answer = self.gate.rows_to_patch(self, x)
         # one read per request (GPU too): with no row left to patch, the gate's pass is the answer
-        if not bool(rows.any()):
+        if rows is None or not bool(rows.any()):
             return answer
         return self._forward(x, rows=rows)
 
@@ -367,7 +390,7 @@ class AtPatch:
             self._carried = None
         if flagged is None:
             return PatchResult.unpatched(logits, self.access.n_layers, self.access.seq_len)
-        return PatchResult(logits, flagged.flatten(1).any(1), flagged)
+        return PatchResult(logits, flagged)
 
     def _no_flags(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.zeros(batch, self.access.n_layers, self.access.seq_len, dtype=torch.bool, device=device)

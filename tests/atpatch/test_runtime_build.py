@@ -323,8 +323,12 @@ def test_runtime_contract(patched):
     with torch.no_grad():
         plain = model(x)
     assert torch.equal(off.logits, plain)
-    assert not off.patched.any() and off.flagged.shape == (16, 3, 17)
+    assert off.nothing_flagged and not off.patched.any() and off.flagged.shape == (16, 3, 17)
     on = atp(x, "on")
+    # the CPU path knows "nothing flagged" without a tensor op; then the zeros are made when read
+    assert on.nothing_flagged == (not on.patched.any())
+    unflagged = atp(x[~on.patched], "on")
+    assert unflagged.nothing_flagged and unflagged.flagged.shape == (int((~on.patched).sum()), 3, 17)
     assert on.flagged.dtype == torch.bool and on.flagged.shape == (16, 3, 17)
     assert torch.equal(on.patched, on.flagged.flatten(1).any(1))
     for i in range(16):
