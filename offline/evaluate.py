@@ -6,8 +6,10 @@ would reach), the Detector's strict metrics as τ moves (the paper's Fig. 3 PR c
 ``--detector-curve``), and optional PNG heatmaps of attention maps before/after the patch.
 
 The Detector is scored on held-out maps: test images whose real trigger works (ground truth: the
-trigger's tokens where they draw more than 2x the attention of the same image without trigger,
-as in the Debugging Set) and as many clean test images (nothing may be flagged in any layer).
+trigger's tokens in every layer the Detector runs on, over-attended there or not, the strictest
+reading; ``trigger_excess_ratio`` gives how much more attention they draw per layer than without
+the trigger) and as many clean test images (nothing may be flagged in any layer). The maps are
+unpatched; ``bench/atpatch_served_flags.py`` scores the flags of the served forward instead.
 """
 from __future__ import annotations
 
