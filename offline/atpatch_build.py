@@ -320,7 +320,11 @@ MIN_PAIRS = 10
 
 # Clean-flag rates α tried by ``_calibrate``, largest first, and how many clean images it reads
 # (training images used neither for the inversion nor for the pairs; with fewer it is skipped).
-CLEAN_FLAG_RATES = (0.1, 0.05, 0.02)
+# 0.2 is above the FPR bound (0.10): it is what a build serves where 0.1 already lets the
+# inverted trigger through, instead of τ alone. Digits seed-0 build (Intel Xeon, test maps): τ alone
+# flagged 42 % of clean maps; α = 0.1 was refused (held-out inverted ASR 6.5 %); α = 0.2 passes
+# (0.9 %) and gives FPR 0.23 at the same test ASR (0 %) and FNR (0.003).
+CLEAN_FLAG_RATES = (0.2, 0.1, 0.05, 0.02)
 CALIBRATION_IMAGES = 1000
 MIN_CALIBRATION_IMAGES = 100
 

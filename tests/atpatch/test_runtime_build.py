@@ -96,6 +96,12 @@ def test_calibration_takes_the_smallest_clean_flag_rate_that_keeps_the_trigger_s
     # the next smaller rate was tried and let the trigger through; a rate that fails first keeps τ
     smaller = [r for r in CLEAN_FLAG_RATES if r < out["chosen"]]
     assert not smaller or out["tried"][str(smaller[0])]["defect_metric"] == 0.2
+    # the trigger gets through above σ(1.9): α = 0.1 (layer 0's τ at logit 2.09) fails, so the build
+    # falls back to α = 0.2 (1.71) rather than to τ alone
+    loose = _calibrate(lambda taus: lambda v, l: {"defect_metric": 0.2 if taus[0] > 0.8699 else 0.0,
+                                                  "accuracy": 0.97},
+                       _ScoresAreTheMaps(), clean, 0.1, "replace", base, 0.005)
+    assert loose["chosen"] == 0.2 and loose["layer_thresholds"][0] <= 0.8699
     never = _calibrate(lambda taus: lambda v, l: {"defect_metric": 0.3, "accuracy": 0.97},
                        _ScoresAreTheMaps(), clean, 0.1, "replace", base, 0.005)
     assert never["chosen"] is None and "layer_thresholds" not in never
