@@ -75,15 +75,14 @@ class PatchResult:
     of the digits ViT's eager forward (Intel Xeon, ``bench/results/atpatch_latency_xeon.md``
     against ``atpatch_latency_xeon_d7e8019.md``: the unpatched request +8.6 → +6.5 %)."""
 
-    def __init__(self, logits: torch.Tensor, flagged: torch.Tensor):
+    def __init__(self, logits: torch.Tensor, flagged: torch.Tensor | None, shape: tuple[int, ...] = ()):
         self.logits, self._flagged, self._patched = logits, flagged, None
-        self.nothing_flagged = False
+        self.nothing_flagged = flagged is None
+        self._shape = shape if flagged is None else tuple(flagged.shape)  # (B, L, N)
 
     @classmethod
     def unpatched(cls, logits: torch.Tensor, n_layers: int, n_tokens: int) -> "PatchResult":
-        result = cls(logits, None)
-        result.nothing_flagged, result._shape = True, (len(logits), n_layers, n_tokens)
-        return result
+        return cls(logits, None, (len(logits), n_layers, n_tokens))
 
     @property
     def flagged(self) -> torch.Tensor:
