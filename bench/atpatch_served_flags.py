@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offline.datasets import load_dataset  # noqa: E402
 from offline.defects import Trigger  # noqa: E402
+from offline.evaluate import detector_test_inputs  # noqa: E402
 from repair.atpatch.debugging_set import patch_tokens  # noqa: E402
 from repair.atpatch.detector import strict_metrics  # noqa: E402
 from repair.atpatch.runtime import AtPatch  # noqa: E402
 from repair.bundle import Bundle  # noqa: E402
-from repair.metrics import predict  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 MARGINS = (None, 2.0, 1.0)
@@ -47,13 +47,11 @@ def _served(atp: AtPatch, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def measure(atp: AtPatch, x_clean, y, x_bad, target: int, tokens: list[int]) -> dict:
-    """As ``offline.evaluate.detector_metrics`` picks maps: triggered test images the backdoor
-    works on, and as many clean ones; truth: the trigger's tokens on every layer run."""
-    model = atp.model
-    with atp.bare():
-        works = (predict(model, x_bad) == target) & (y != target)
+    """On ``offline.evaluate.detector_metrics``' inputs (``detector_test_inputs``); truth: the
+    trigger's tokens on every layer run."""
+    with atp.bare() as model:
+        works, xc = detector_test_inputs(model, x_clean, x_bad, y, target)
     xb = x_bad[works]
-    xc = x_clean[~works][: len(xb)] if (~works).sum() >= len(xb) else x_clean[: len(xb)]
     run = atp.layers
     _, fb = _served(atp, xb)
     _, fc = _served(atp, xc)

@@ -65,15 +65,23 @@ def _columns_selector(n_tokens: int, tokens: list[int]):
     return select
 
 
+def detector_test_inputs(model, x_clean, x_bad, y, target) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Detector's test inputs: ``works``, the triggered images on which the backdoor works
+    (other classes answered with the target), and as many clean images (those it does not work on
+    where there are enough, else the first ones)."""
+    works = (predict(model, x_bad) == target) & (y != target)
+    n = int(works.sum())
+    return works, x_clean[~works][:n] if (~works).sum() >= n else x_clean[:n]
+
+
 def detector_metrics(patch: AtPatch, model, x_clean, x_bad, y, target, mask, patch_size) -> dict:
     """Strict §4.2.2 metrics of the Detector on unpatched maps, one map per layer it runs on: a
     triggered input on which the backdoor works is an over-attention map whose anomalous columns
     are the real trigger's tokens; a clean input of the same count is a clean map. With the
     target gate also ``served``: the same on the flags that reach Γ, those of rows the bare model
     answers with the target (every triggered map here, as the backdoor works on it)."""
-    works = (predict(model, x_bad) == target) & (y != target)
+    works, xc = detector_test_inputs(model, x_clean, x_bad, y, target)
     xb = x_bad[works]
-    xc = x_clean[~works][: len(xb)] if (~works).sum() >= len(xb) else x_clean[: len(xb)]
     maps_b, maps_c = attention_maps(model, xb), attention_maps(model, xc)
     tokens = patch_tokens(mask, patch_size)
     _, ratios = excess_layers(attention_maps(model, x_clean[works]), maps_b, tokens, 2.0)
