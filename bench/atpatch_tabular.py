@@ -90,6 +90,12 @@ def main():
                    model, det, benign, threshold=meta["threshold"], variant=variant) for variant in VARIANTS}
     patches[f"served: {meta['variants']['fairness']}, layers {meta['layers']}, gated rows"] = \
         lambda: AtPatch.from_version(v, model)
+
+    def without_shift():
+        a = AtPatch.from_version(v, model)
+        a.gate = CounterfactualGate.from_protected(meta["protected"])
+        return a
+    patches["served without its logit shift"] = without_shift
     for name, make in patches.items():
         a = make()
         net = PatchedModel(a)
@@ -108,6 +114,7 @@ def main():
              "layer_selection": meta["layer_selection"],
              "detector_metrics": meta["detector_metrics"],
              "detector_metrics_ungated": meta.get("detector_metrics_ungated"), "held_out": meta["held_out"],
+             "logit_shift": meta.get("logit_shift"),
              "debugging_set": meta["debugging_set"],
              "results": rows}
     path = OUT / "atpatch_tabular.json"
@@ -124,6 +131,8 @@ def main():
         lines += ["", f"Detector (held-out debugging maps, strict), on the rows the gate lets through (served): "
                       f"{r['detector_metrics']}", "",
                   f"The same on every row (the Detector alone): {r.get('detector_metrics_ungated')}", ""]
+        if r.get("logit_shift"):
+            lines += [f"Logit shift served on the patched rows (`fit_logit_shift`): {r['logit_shift']}", ""]
     (OUT / "atpatch_tabular.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -336,6 +336,23 @@ def tabular_uf(model: torch.nn.Module, data: TabularData, x: torch.Tensor | None
             for a in data.schema.protected}
 
 
+def fit_tabular(data: TabularData, x_train: torch.Tensor, y_train: torch.Tensor, epochs: int, seed: int,
+                arch_options: dict | None = None, lr: float | None = None, batch_size: int | None = None,
+                progress: bool = False, desc: str = "") -> tuple[torch.nn.Module, dict]:
+    """An FT-Transformer for ``data``'s schema trained on encoded rows ``x_train`` (the zoo's
+    recipe): the model and its architecture spec."""
+    torch.manual_seed(seed)
+    spec = {"arch": "ft-transformer", **DEFAULT_ARCH["ft-transformer"], "n_numeric": data.schema.n_numeric,
+            "cardinalities": data.schema.cardinalities, "num_classes": len(data.classes),
+            **(arch_options or {})}
+    model = build_model(spec)
+    lr_default, bs_default = TRAIN_SETTINGS["tabular"]
+    train_classifier(model, x_train, y_train, epochs=epochs, lr=lr or lr_default,
+                     batch_size=batch_size or bs_default, weight_decay=1e-5, seed=seed,
+                     progress=progress, desc=desc)
+    return model, spec
+
+
 def _train_tabular(bundle, data: TabularData, dataset, arch, defect, epochs, seed, arch_options,
                    progress, protected_boost, max_train, lr, batch_size) -> Version:
     if arch != "ft-transformer":
@@ -343,22 +360,15 @@ def _train_tabular(bundle, data: TabularData, dataset, arch, defect, epochs, see
     if defect != "none":
         raise ValueError(f"tabular models take no planted defect (got {defect!r}); their "
                          "unfairness is natural, or use --amplify ATTRIBUTE")
-    torch.manual_seed(seed)
-    spec = {"arch": arch, **DEFAULT_ARCH[arch], "n_numeric": data.schema.n_numeric,
-            "cardinalities": data.schema.cardinalities, "num_classes": len(data.classes),
-            **(arch_options or {})}
     x_train, y_train = _subset(data.x_train, data.y_train, max_train, seed)
     defect_info = {"type": "unfairness", "protected": list(data.schema.protected)}
     if protected_boost:
         y_train, info = amplify(data, x_train, y_train, protected_boost, BOOST_FRACTION, seed)
         defect_info.update(info)
-    model = build_model(spec)
     epochs = epochs or DEFAULT_EPOCHS.get(dataset, 10)
-    lr_default, bs_default = TRAIN_SETTINGS["tabular"]
     started = time.perf_counter()
-    train_classifier(model, x_train, y_train, epochs=epochs, lr=lr or lr_default,
-                     batch_size=batch_size or bs_default, weight_decay=1e-5, seed=seed,
-                     progress=progress, desc=f"zoo {dataset}/{arch}")
+    model, spec = fit_tabular(data, x_train, y_train, epochs, seed, arch_options, lr, batch_size,
+                              progress, desc=f"zoo {dataset}/{arch}")
     train_seconds = time.perf_counter() - started
     metrics = {"accuracy": accuracy(model, data.x_test, data.y_test), "uf": tabular_uf(model, data)}
     manifest = _manifest(data, dataset, spec, defect_info, metrics, seed, epochs, train_seconds,

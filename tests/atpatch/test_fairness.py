@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from offline.atpatch_build import MIN_SHIFT_ROWS, fit_logit_shift
 from offline.datasets import load_dataset
-from repair.atpatch.runtime import AtPatch, PatchedModel
+from repair.atpatch.runtime import AtPatch, CounterfactualGate, PatchedModel, PatchResult
 from repair.bundle import Bundle
 from repair.metrics import unfairness
 
@@ -93,6 +95,9 @@ def test_gate_patches_only_rows_the_protected_values_decide(fair):
         atp.gate = gate
     assert torch.equal(gated.patched, dependent & every_row.patched)
     assert torch.equal(gated.logits[~dependent], model(x)[~dependent])
+    # the patched rows answer as without the gate, plus the build's logit shift where it serves one
+    if atp.gate.logit_shift is not None:
+        every_row.logits[every_row.patched] += atp.gate.logit_shift
     assert torch.allclose(gated.logits[dependent], every_row.logits[dependent], atol=1e-5)
     # a request with no such row is answered by the gate's own bare pass: nothing patched
     fair_only = atp(x[~dependent][:32])
@@ -104,3 +109,76 @@ def test_gate_patches_only_rows_the_protected_values_decide(fair):
     assert held["patched"]["defect_metric"] <= held["patched_without_gate"]["defect_metric"]
     assert meta["detector_metrics_ungated"]["fpr"] > 0.9
     assert meta["detector_metrics"]["fpr"] < 0.5
+
+
+class _FixedPatch:
+    """Stands in for a gated AtPatch in ``fit_logit_shift``: fixed logits, rows it patches."""
+
+    def __init__(self, logits: torch.Tensor, patched: torch.Tensor):
+        self.logits, self.patched, self.removed = logits, patched, False
+
+    def __call__(self, x: torch.Tensor) -> PatchResult:
+        i = x[:, 0].long()  # the rows' indices
+        flagged = self.patched[i][:, None, None].expand(-1, 1, 2)
+        return PatchResult(self.logits[i], flagged.clone())
+
+    def remove(self):
+        self.removed = True
+
+
+def test_logit_shift_is_fitted_on_patched_rows_and_served_only_where_it_helps():
+    """A masked answer that leans to class 0 while most patched rows are class 1 gets a positive
+    class-1 shift that makes them more accurate; unpatched rows do not count, and a shift that
+    would not make the rows more accurate is not served."""
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    x = torch.arange(n, dtype=torch.float32)[:, None]
+    y = (torch.rand(n, generator=g) < 0.7).long()
+    margin = torch.randn(n, generator=g) + 2.0 * y - 1.0           # informative about y ...
+    logits = torch.stack([torch.zeros(n), margin - 1.5], 1)        # ... but shifted towards class 0
+    patched = torch.arange(n) % 4 != 0
+    logits[~patched] = torch.tensor([9.0, -9.0])  # unpatched rows: confidently wrong if counted
+    fake = _FixedPatch(logits, patched)
+    fit = fit_logit_shift(fake, x, y, chunk=64)
+    assert fake.removed and fit["rows"] == int(patched.sum())
+    # the cross-entropy minimum over the patched rows alone, by a plain search
+    grid = torch.arange(-5, 5, 0.01)
+    ce = [F.cross_entropy(logits[patched] + torch.stack([torch.zeros(()), b]), y[patched]) for b in grid]
+    best = float(grid[int(torch.stack(ce).argmin())])
+    assert fit["shift"] is not None and fit["shift"][0] == 0.0 and abs(fit["shift"][1] - best) < 0.02
+    assert fit["accuracy"] > fit["accuracy_unshifted"] + 0.05
+
+    # cross-entropy and accuracy disagree: 60 confidently wrong class-0 rows pull the shift below
+    # -0.1, which turns 100 barely right class-1 rows wrong
+    diff = torch.cat([torch.full((100,), 0.1), torch.full((60,), 5.0), torch.full((100,), -3.0)])
+    labels = torch.cat([torch.ones(100), torch.zeros(160)]).long()
+    skewed = torch.stack([torch.zeros(260), diff], 1)
+    fit = fit_logit_shift(_FixedPatch(skewed, torch.ones(260, dtype=torch.bool)), x[:260], labels)
+    assert fit["fitted"][1] < -0.1 and fit["accuracy"] < fit["accuracy_unshifted"] and fit["shift"] is None
+    few = fit_logit_shift(_FixedPatch(logits, torch.arange(n) < MIN_SHIFT_ROWS - 1), x, y)
+    assert few["shift"] is None and few["rows"] == MIN_SHIFT_ROWS - 1
+
+
+def test_served_patch_adds_the_builds_logit_shift_to_patched_rows_only(fair):
+    """What the build decided (``manifest["atpatch"]["logit_shift"]``) is what the served patch
+    does: its shift (or none) on the rows it patches, every other row's logits untouched."""
+    version, model, atp, data = fair
+    fit = version.manifest["atpatch"]["logit_shift"]
+    assert fit["rows"] >= MIN_SHIFT_ROWS and fit["fitted_on"]
+    assert (fit["shift"] is None) == (fit["accuracy"] <= fit["accuracy_unshifted"])
+    if fit["shift"] is None:
+        assert atp.gate.logit_shift is None
+    else:
+        assert atp.gate.logit_shift.tolist() == pytest.approx(fit["shift"])
+    x = data.x_test[:600]
+    served = atp(x)
+    gate = atp.gate
+    atp.gate = CounterfactualGate.from_protected(version.manifest["atpatch"]["protected"])  # no shift
+    try:
+        unshifted = atp(x)
+    finally:
+        atp.gate = gate
+    assert torch.equal(served.patched, unshifted.patched) and served.patched.any()
+    shift = torch.zeros(2) if gate.logit_shift is None else gate.logit_shift
+    assert torch.equal(served.logits[~served.patched], unshifted.logits[~served.patched])
+    assert torch.allclose(served.logits[served.patched], unshifted.logits[served.patched] + shift, atol=1e-6)

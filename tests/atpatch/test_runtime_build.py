@@ -380,6 +380,10 @@ def test_row_gate_comes_from_the_manifest():
     gate = row_gate({"row_gate": "counterfactual",
                      "protected": {"sex": {"column": 2, "values": [0.0, 1.0]}, "race": {"column": 5, "values": [0.0, 1.0, 2.0]}}})
     assert isinstance(gate, CounterfactualGate) and gate.columns == [2, 5] and gate.combos.shape == (6, 2)
+    assert gate.logit_shift is None  # built before fairness builds fitted one, or none served
+    gate = row_gate({"row_gate": "counterfactual", "protected": {"sex": {"column": 2, "values": [0.0, 1.0]}},
+                     "logit_shift": {"shift": [0.0, 0.48], "rows": 488}})
+    assert gate.logit_shift.tolist() == pytest.approx([0.0, 0.48])
     with pytest.raises(DetectorError, match="unknown row gate"):
         row_gate({"row_gate": "sometimes"})
 
