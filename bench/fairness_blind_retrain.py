@@ -63,7 +63,8 @@ def main():
           "all training rows, the data set's default epochs), trained with the attribute and with it held at "
           "one value in training and test rows; accuracy on the whole test split. Drop: blind minus with, "
           "seed by seed.", "",
-          "| data set | blind to | accuracy with it (per seed) | blind (per seed) | drop, mean (pt) | drop per seed (pt) |",
+          "| data set | blind to | accuracy with it (per seed) | blind (per seed) | drop, mean (pt) "
+          "| drop per seed (pt) |",
           "| --- | --- | --- | --- | --- | --- |"]
     summary = []
     for name, attributes in ATTRIBUTES.items():
