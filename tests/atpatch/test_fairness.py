@@ -145,6 +145,7 @@ def test_logit_shift_is_fitted_on_patched_rows_and_served_only_where_it_helps():
     grid = torch.arange(-5, 5, 0.01)
     ce = [F.cross_entropy(logits[patched] + torch.stack([torch.zeros(()), b]), y[patched]) for b in grid]
     best = float(grid[int(torch.stack(ce).argmin())])
+    assert best > 1.0  # towards class 1
     assert fit["shift"] is not None and fit["shift"][0] == 0.0 and abs(fit["shift"][1] - best) < 0.02
     assert fit["accuracy"] > fit["accuracy_unshifted"] + 0.05
 
