@@ -167,8 +167,8 @@ class CounterfactualGate:
         and −0.33 pt."""
         if self.logit_shift is None or result.nothing_flagged:
             return result
-        shift = result.patched[:, None] * self.logit_shift.to(result.logits)
-        return PatchResult(result.logits + shift, result.flagged)
+        result.logits = result.logits + result.patched[:, None] * self.logit_shift.to(result.logits)
+        return result  # its flags and patched rows as they were (read once, not recomputed)
 
 
 class TargetClassGate:
