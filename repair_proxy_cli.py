@@ -55,6 +55,7 @@ def _atpatch_build(a):
                       "variants": meta.get("variants", {}), "threshold": meta.get("threshold"),
                       "layer_thresholds": meta.get("layer_thresholds"), "top_margin": meta.get("top_margin"),
                       "row_gate": meta.get("row_gate"), "logit_shift": meta.get("logit_shift", {}).get("shift"),
+                      "fairness_answer": meta.get("fairness_answer", {}).get("chosen"),
                       "calibration": {k: meta.get("calibration", {}).get(k) for k in ("method", "chosen")},
                       "held_out": meta.get("held_out"), "warnings": meta.get("warnings", [])}))
 

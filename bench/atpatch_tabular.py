@@ -18,9 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from offline.atpatch_build import build_detector  # noqa: E402
+from offline.atpatch_build import build_detector, fit_fairness_prior  # noqa: E402
 from offline.datasets import load_dataset  # noqa: E402
 from repair.atpatch import benign as benign_io  # noqa: E402
+from repair.atpatch.protected_prior import ProtectedPrior, combination_index  # noqa: E402
 from repair.atpatch.redistribution import VARIANTS  # noqa: E402
 from repair.atpatch.runtime import AtPatch, CounterfactualGate, PatchedModel  # noqa: E402
 from repair.bundle import copy_bundle  # noqa: E402
@@ -29,32 +30,12 @@ from repair.metrics import accuracy, unfairness  # noqa: E402
 OUT = Path(__file__).resolve().parent / "results"
 
 
-class MarginalAnswer(torch.nn.Module):
-    """A fairness repair without attention, for comparison (not served): the rows whose answer
-    the protected values decide (the served gate's rows) get the model's probabilities averaged
-    over every combination of those values, each weighted by its share of the training rows. A
-    row and its twins average the same combinations, so UF is 0 by construction; what it costs in
-    accuracy is what the table compares with the masked patch."""
-
-    def __init__(self, model, gate: CounterfactualGate, x_train: torch.Tensor):
-        super().__init__()
-        self.model, self.gate = model, gate
-        share = [(x_train[:, gate.columns] == combo).all(1).float().mean() for combo in gate.combos]
-        self.weights = torch.stack(share) / sum(share)
-
-    @torch.no_grad()
-    def forward(self, x):
-        logits = self.model(x)
-        rows = self.gate.dependent_rows(self.model, x)
-        if not bool(rows.any()):
-            return logits
-        mean = torch.zeros_like(logits[rows])
-        for combo, weight in zip(self.gate.combos, self.weights):
-            variant = x[rows].clone()
-            variant[:, self.gate.columns] = combo
-            mean += weight * self.model(variant).softmax(-1)
-        logits[rows] = mean.log()
-        return logits
+def shares_prior(gate: CounterfactualGate, like: ProtectedPrior, x_train: torch.Tensor) -> ProtectedPrior:
+    """A prior that ignores the row: every combination weighted by its share of the training rows
+    (the average by shares, for comparison with ``P(a | x_o)``; not served)."""
+    share = torch.bincount(combination_index(x_train, gate.columns, gate.combos), minlength=len(gate.combos))
+    return ProtectedPrior(torch.zeros_like(like.weight), share.float().clamp(min=0.5).log(), like.numeric,
+                          like.categorical, like.cardinalities)
 
 
 def main():
@@ -88,14 +69,24 @@ def main():
     # is served: the build's variant on its layers, on the rows the protected values decide.
     patches = {f"{variant}, all layers, every row": lambda variant=variant: AtPatch(
                    model, det, benign, threshold=meta["threshold"], variant=variant) for variant in VARIANTS}
-    patches[f"served: {meta['variants']['fairness']}, layers {meta['layers']}, gated rows"] = \
-        lambda: AtPatch.from_version(v, model)
-
-    def without_shift():
-        a = AtPatch.from_version(v, model)
-        a.gate = CounterfactualGate.from_protected(meta["protected"])
-        return a
-    patches["served without its logit shift"] = without_shift
+    answer = meta["fairness_answer"]["chosen"]
+    patches[f"served: {answer}, layers {meta['layers']}, gated rows"] = lambda: AtPatch.from_version(v, model)
+    # Both answers for the gated rows (``fairness_answer``), the prior refitted as the build fits it,
+    # and the average by the combinations' training shares instead of P(a | x_o).
+    gate = CounterfactualGate.from_protected(meta["protected"])
+    prior, _ = fit_fairness_prior(model, gate, data.x_train, v.manifest["provenance"]["seed"])
+    answers = {"masked patch, gated rows, its logit shift": meta["logit_shift"].get("shift"),
+               "masked patch, gated rows, no logit shift": None,
+               "counterfactual average by P(a given x_o), gated rows": prior,
+               "not served: average by the combinations' training shares, gated rows":
+                   shares_prior(gate, prior, data.x_train)}
+    for name, how in answers.items():
+        def make(how=how):
+            a = AtPatch.from_version(v, model)
+            a.gate = CounterfactualGate.from_protected(
+                meta["protected"], **({"prior": how} if isinstance(how, ProtectedPrior) else {"logit_shift": how}))
+            return a
+        patches[name] = make
     for name, make in patches.items():
         a = make()
         net = PatchedModel(a)
@@ -104,17 +95,13 @@ def main():
                              for n, p in meta["protected"].items()},
                       "patch_rate": round(a(x).patched.float().mean().item(), 4)}
         a.remove()
-    marginal = MarginalAnswer(model, CounterfactualGate.from_protected(meta["protected"]), data.x_train)
-    rows["not served: protected values averaged out, gated rows"] = {
-        "accuracy": round(accuracy(marginal, x, y), 4),
-        "uf": {n: round(unfairness(marginal, x, p["column"], p["values"]), 4) for n, p in meta["protected"].items()}}
     command = "python bench/atpatch_tabular.py " + " ".join(sys.argv[1:])
     entry = {"command": command, "bundle": src.name, "protected": args.protected, "build_seconds": round(build_s, 1), "test_rows": len(x),
              "chosen_variant": meta["variants"], "variant_selection": meta["variant_selection"],
              "layer_selection": meta["layer_selection"],
              "detector_metrics": meta["detector_metrics"],
              "detector_metrics_ungated": meta.get("detector_metrics_ungated"), "held_out": meta["held_out"],
-             "logit_shift": meta.get("logit_shift"),
+             "logit_shift": meta.get("logit_shift"), "fairness_answer": meta.get("fairness_answer"),
              "debugging_set": meta["debugging_set"],
              "results": rows}
     path = OUT / "atpatch_tabular.json"
@@ -132,7 +119,9 @@ def main():
                       f"{r['detector_metrics']}", "",
                   f"The same on every row (the Detector alone): {r.get('detector_metrics_ungated')}", ""]
         if r.get("logit_shift"):
-            lines += [f"Logit shift served on the patched rows (`fit_logit_shift`): {r['logit_shift']}", ""]
+            lines += [f"Logit shift fitted for the masked patch's rows (`fit_logit_shift`): {r['logit_shift']}", ""]
+        if r.get("fairness_answer"):
+            lines += [f"The gated rows' answer (`fairness_answer`): {r['fairness_answer']}", ""]
     (OUT / "atpatch_tabular.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

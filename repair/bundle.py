@@ -28,7 +28,7 @@ from repair.models import build_model
 MANIFEST = "manifest.json"
 EDITS = "edits.json"
 # Tensor artefacts a version may hold; nothing else (no pickle, no code) is ever read.
-TENSOR_FILES = ("model", "detector", "benign", "keystats", "defect")
+TENSOR_FILES = ("model", "detector", "benign", "keystats", "defect", "protected_prior")
 ALLOWED_FILES = {MANIFEST, EDITS} | {f"{name}.safetensors" for name in TENSOR_FILES}
 MAX_VERSION_ID = 64  # characters (ids written here are v0001, v0002, ...)
 

@@ -42,6 +42,7 @@ from torch import nn
 from repair.atpatch import benign as benign_io
 from repair.atpatch.cpu_kernel import cpu_redistribute, cpu_scores
 from repair.atpatch.detector import Detector, DetectorError, flag_columns, layer_logit_thresholds
+from repair.atpatch.protected_prior import ProtectedPrior
 from repair.atpatch.redistribution import VARIANTS, redistribute
 from repair.attention import AttentionAccess
 
@@ -116,46 +117,82 @@ class CounterfactualGate:
     −0.4/−0.31/−0.33 pt on every row, −0.12/−0.19/−0.33 pt gated; COMPAS sex −1.45 → −0.72 pt,
     race −0.24 pt and race+sex −0.97 pt either way (bench/results/atpatch_tabular.md; with the
     shift: ``patched_answer``). Cost: one bare forward of
-    (K + 1)·B rows per request, K the number of value combinations (60 for Adult's three)."""
+    (K + 1)·B rows per request, K the number of value combinations (60 for Adult's three).
+
+    The gated rows get one of two answers (``offline.atpatch_build.fairness_answer`` says which a
+    build serves, and why): with a ``prior``, the counterfactual average (``average_answer``),
+    which the enumeration batch already holds the makings of, so no patched pass runs; without
+    one (builds before session 35), the masked patch's (Q_k = 0 at the protected tokens, plus a
+    logit shift, ``patched_answer``)."""
 
     name = "counterfactual"   # manifest ``row_gate``
 
-    def __init__(self, columns: list[int], values: list[list[float]], logit_shift: list[float] | None = None):
+    def __init__(self, columns: list[int], values: list[list[float]], logit_shift: list[float] | None = None,
+                 prior: ProtectedPrior | None = None, tokens: list[int] = ()):
         self.columns = list(columns)   # protected columns of the encoded row
         # (K, P): every combination of their encoded values
         self.combos = torch.tensor(list(itertools.product(*values)), dtype=torch.float32)
         # (classes,) added to the logits of every patched row (``patched_answer``), or None
         self.logit_shift = None if logit_shift is None else torch.tensor(logit_shift, dtype=torch.float32)
+        # P(combination | other features): the gated rows get the counterfactual average instead
+        self.prior = prior
+        self.tokens = list(tokens)     # the protected tokens: flagged where the average answers
+        if prior is not None and prior.n_combinations != len(self.combos):
+            raise DetectorError(f"the protected prior is over {prior.n_combinations} combinations of protected "
+                                f"values, the gate enumerates {len(self.combos)}")
 
     @classmethod
-    def from_protected(cls, protected: dict, logit_shift: list[float] | None = None) -> "CounterfactualGate":
-        """From a build's ``manifest["atpatch"]["protected"]``: {name: {column, values, ...}}."""
+    def from_protected(cls, protected: dict, logit_shift: list[float] | None = None,
+                       prior: ProtectedPrior | None = None) -> "CounterfactualGate":
+        """From a build's ``manifest["atpatch"]["protected"]``: {name: {column, token, values}}."""
         return cls([int(p["column"]) for p in protected.values()],
-                   [[float(v) for v in p["values"]] for p in protected.values()], logit_shift)
+                   [[float(v) for v in p["values"]] for p in protected.values()], logit_shift, prior,
+                   [int(p["token"]) for p in protected.values()] if prior is not None else [])
 
     @_without_grad
-    def _enumerate(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _enumerate(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """bool (B,): rows whose predicted class is not the same for every combination of values;
-        and the logits of ``x`` itself, from the same batch."""
+        the logits of ``x`` itself, and (K, B, classes) those of every combination, from one batch."""
         combos = self.combos.to(x)
         variants = x.unsqueeze(0).repeat(len(combos), 1, 1)      # (K, B, F)
         variants[:, :, self.columns] = combos.unsqueeze(1)
         logits = model(torch.cat([x, variants.flatten(0, 1)]))
-        preds = logits.argmax(-1)
-        return (preds[len(x):].view(len(combos), len(x)) != preds[:len(x)]).any(0), logits[:len(x)]
+        own, swapped = logits[:len(x)], logits[len(x):].view(len(combos), len(x), -1)
+        return (swapped.argmax(-1) != own.argmax(-1)).any(0), own, swapped
 
     def dependent_rows(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self._enumerate(model, x)[0]
 
     def rows_to_patch(self, patch: "AtPatch",
                       x: torch.Tensor) -> tuple[torch.Tensor | None, PatchResult]:
-        rows, logits = self._enumerate(patch.model, x)
-        return rows, PatchResult.unpatched(logits, patch.access.n_layers, patch.access.seq_len)
+        rows, logits, swapped = self._enumerate(patch.model, x)
+        if self.prior is None:
+            return rows, PatchResult.unpatched(logits, patch.access.n_layers, patch.access.seq_len)
+        return None, self.average_answer(patch, x, rows, logits, swapped)
+
+    @_without_grad
+    def average_answer(self, patch: "AtPatch", x: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor,
+                       swapped: torch.Tensor) -> PatchResult:
+        """Rows the protected values decide answered by the law of total probability over them,
+        ``log Σ_k P(a_k | x_o) · softmax(f(x with a_k))`` (``repair.atpatch.protected_prior``),
+        the others by the bare logits as they are. The answer no longer reads the protected
+        tokens: they are reported flagged at every layer the build patches."""
+        if not bool(rows.any()):
+            return PatchResult.unpatched(logits, patch.access.n_layers, patch.access.seq_len)
+        weights = self.prior.log_probs(x[rows])                                  # (R, K)
+        average = torch.logsumexp(weights.T.unsqueeze(-1) + swapped[:, rows].log_softmax(-1), 0)
+        logits = logits.clone()
+        logits[rows] = average
+        marked = torch.zeros(patch.access.n_layers, patch.access.seq_len, dtype=torch.bool, device=x.device)
+        marked[torch.tensor(patch.layers)[:, None], torch.tensor(self.tokens)] = True
+        flagged = patch._no_flags(len(x), x.device)
+        flagged[rows] = marked
+        return PatchResult(logits, flagged)
 
     def patched_answer(self, result: PatchResult) -> PatchResult:
-        """The patched pass's answer with the build's logit shift added to the rows it patched
-        (``offline.atpatch_build.fit_logit_shift``). A row and its twins are patched alike and
-        shifted alike, so UF stays where the mask put it.
+        """The masked patch's answer (builds without a prior) with the build's logit shift added
+        to the rows it patched (``offline.atpatch_build.fit_logit_shift``). A row and its twins are
+        patched alike and shifted alike, so UF stays where the mask put it.
 
         Why: masking the protected token also takes away the share of the class prior it carried,
         and the masked answer can lean to one class: on COMPAS (sex) it answered 8 % of the
@@ -209,13 +246,29 @@ class TargetClassGate:
 RowGate = CounterfactualGate | TargetClassGate
 
 
-def row_gate(meta: dict) -> RowGate | None:
-    """The gate a build chose (``manifest["atpatch"]["row_gate"]``: a gate's ``name``), or None."""
+# ``manifest["atpatch"]["fairness_answer"]["chosen"]``: what a fairness build answers its gated rows with
+FAIRNESS_ANSWERS = ("masked patch", "counterfactual average")
+
+
+def serves_average(meta: dict) -> bool:
+    """Whether a fairness build answers its gated rows with the counterfactual average (then the
+    version holds ``protected_prior.safetensors``); builds before the choice existed do not."""
+    return meta.get("fairness_answer", {}).get("chosen") == FAIRNESS_ANSWERS[1]
+
+
+def row_gate(meta: dict, prior: ProtectedPrior | None = None) -> RowGate | None:
+    """The gate a build chose (``manifest["atpatch"]["row_gate"]``: a gate's ``name``), or None;
+    ``prior``: the version's protected prior where it ``serves_average``."""
     kind = meta.get("row_gate")
     if kind is None:
         return None
     if kind == CounterfactualGate.name:
-        return CounterfactualGate.from_protected(meta["protected"], meta.get("logit_shift", {}).get("shift"))
+        if serves_average(meta) != (prior is not None):
+            raise DetectorError("the manifest's fairness answer and the protected prior given do not match: "
+                                f"{meta.get('fairness_answer', {}).get('chosen')!r} with "
+                                f"{'a' if prior is not None else 'no'} prior")
+        shift = meta.get("logit_shift", {}).get("shift")
+        return CounterfactualGate.from_protected(meta["protected"], shift, prior)
     if kind == TargetClassGate.name:
         return TargetClassGate(meta["inversion"]["target"])
     raise DetectorError(f"unknown row gate {kind!r} in the version's manifest; "
@@ -292,8 +345,9 @@ class AtPatch:
         variant = meta.get("variants", {}).get(meta.get("defect_kind", "backdoor"), "replace")
         if threshold is None:
             threshold = meta.get("layer_thresholds") or meta["threshold"]
+        prior = ProtectedPrior.from_tensors(version.tensors("protected_prior")) if serves_average(meta) else None
         return cls(model, detector, benign, threshold=threshold, variant=variant, layers=meta.get("layers"),
-                   gate=row_gate(meta), cpu_kernel=cpu_kernel, top_margin=meta.get("top_margin"))
+                   gate=row_gate(meta, prior), cpu_kernel=cpu_kernel, top_margin=meta.get("top_margin"))
 
     # -- the hot path ------------------------------------------------------------------------
 

@@ -2,13 +2,16 @@
 the variant it chooses, and unfairness with the patch on."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from offline.atpatch_build import MIN_SHIFT_ROWS, fit_logit_shift
+from offline.atpatch_build import MIN_SHIFT_ROWS, fit_fairness_prior, fit_logit_shift
 from offline.datasets import load_dataset
-from repair.atpatch.runtime import AtPatch, CounterfactualGate, PatchedModel, PatchResult
+from repair.atpatch.protected_prior import PriorError, ProtectedPrior, combination_index, fit_prior
+from repair.atpatch.runtime import AtPatch, CounterfactualGate, PatchedModel, PatchResult, row_gate
 from repair.bundle import Bundle
 from repair.metrics import unfairness
 
@@ -50,20 +53,21 @@ def test_masked_protected_token_makes_the_answer_independent_of_it(fair):
     meta = version.manifest["atpatch"]
     assert meta["layers"] == [0, 1, 2]  # fairness masks at every layer
     invariant_pairs = 0
-    for name, p in meta["protected"].items():
-        net = PatchedModel(atp)
-        before = unfairness(model, x, p["column"], p["values"])
-        after = unfairness(net, x, p["column"], p["values"])
-        assert after < before and after <= 0.002, (name, before, after)
-        on = atp(x)
-        for value in p["values"]:
-            twin = x.clone()
-            twin[:, p["column"]] = value
-            on_twin = atp(twin)
-            both = on.flagged[:, :, p["token"]].all(1) & on_twin.flagged[:, :, p["token"]].all(1)
-            same = on.logits[both].argmax(-1) == on_twin.logits[both].argmax(-1)
-            assert bool(same.all()), name
-            invariant_pairs += int(both.sum())
+    with _gate(atp, CounterfactualGate.from_protected(meta["protected"], meta["logit_shift"]["shift"])):
+        for name, p in meta["protected"].items():
+            net = PatchedModel(atp)
+            before = unfairness(model, x, p["column"], p["values"])
+            after = unfairness(net, x, p["column"], p["values"])
+            assert after < before and after <= 0.002, (name, before, after)
+            on = atp(x)
+            for value in p["values"]:
+                twin = x.clone()
+                twin[:, p["column"]] = value
+                on_twin = atp(twin)
+                both = on.flagged[:, :, p["token"]].all(1) & on_twin.flagged[:, :, p["token"]].all(1)
+                same = on.logits[both].argmax(-1) == on_twin.logits[both].argmax(-1)
+                assert bool(same.all()), name
+                invariant_pairs += int(both.sum())
     assert invariant_pairs > 100
 
 
@@ -87,17 +91,16 @@ def test_gate_patches_only_rows_the_protected_values_decide(fair):
     assert torch.equal(atp.gate.dependent_rows(model, x), dependent)
     assert 0.05 < dependent.float().mean() < 0.6  # the model is unfair on some rows, not all
 
-    gated = atp(x)
-    gate, atp.gate = atp.gate, None
-    try:
+    masked = CounterfactualGate.from_protected(meta["protected"], meta["logit_shift"]["shift"])
+    with _gate(atp, masked):
+        gated = atp(x)
+    with _gate(atp, None):
         every_row = atp(x)
-    finally:
-        atp.gate = gate
     assert torch.equal(gated.patched, dependent & every_row.patched)
     assert torch.equal(gated.logits[~dependent], model(x)[~dependent])
-    # the patched rows answer as without the gate, plus the build's logit shift where it serves one
-    if atp.gate.logit_shift is not None:
-        every_row.logits[every_row.patched] += atp.gate.logit_shift
+    # the patched rows answer as without the gate, plus the build's logit shift where it fitted one
+    if masked.logit_shift is not None:
+        every_row.logits[every_row.patched] += masked.logit_shift
     assert torch.allclose(gated.logits[dependent], every_row.logits[dependent], atol=1e-5)
     # a request with no such row is answered by the gate's own bare pass: nothing patched
     fair_only = atp(x[~dependent][:32])
@@ -109,6 +112,16 @@ def test_gate_patches_only_rows_the_protected_values_decide(fair):
     assert held["patched"]["defect_metric"] <= held["patched_without_gate"]["defect_metric"]
     assert meta["detector_metrics_ungated"]["fpr"] > 0.9
     assert meta["detector_metrics"]["fpr"] < 0.5
+
+
+@contextmanager
+def _gate(atp: AtPatch, gate):
+    """``atp`` with another row gate for the block (the fixture's is shared)."""
+    served, atp.gate = atp.gate, gate
+    try:
+        yield atp
+    finally:
+        atp.gate = served
 
 
 class _FixedPatch:
@@ -160,26 +173,113 @@ def test_logit_shift_is_fitted_on_patched_rows_and_served_only_where_it_helps():
     assert few["shift"] is None and few["rows"] == MIN_SHIFT_ROWS - 1
 
 
-def test_served_patch_adds_the_builds_logit_shift_to_patched_rows_only(fair):
-    """What the build decided (``manifest["atpatch"]["logit_shift"]``) is what the served patch
+def test_masked_patch_adds_the_builds_logit_shift_to_patched_rows_only(fair):
+    """What the build decided (``manifest["atpatch"]["logit_shift"]``) is what the masked patch
     does: its shift (or none) on the rows it patches, every other row's logits untouched."""
     version, model, atp, data = fair
-    fit = version.manifest["atpatch"]["logit_shift"]
+    meta = version.manifest["atpatch"]
+    fit = meta["logit_shift"]
     assert fit["rows"] >= MIN_SHIFT_ROWS and fit["fitted_on"]
     assert (fit["shift"] is None) == (fit["accuracy"] <= fit["accuracy_unshifted"])
+    gate = row_gate(dict(meta, fairness_answer={"chosen": "masked patch"}))  # the masked answer as served
     if fit["shift"] is None:
-        assert atp.gate.logit_shift is None
+        assert gate.logit_shift is None
     else:
-        assert atp.gate.logit_shift.tolist() == pytest.approx(fit["shift"])
+        assert gate.logit_shift.tolist() == pytest.approx(fit["shift"])
     x = data.x_test[:600]
-    served = atp(x)
-    gate = atp.gate
-    atp.gate = CounterfactualGate.from_protected(version.manifest["atpatch"]["protected"])  # no shift
-    try:
+    with _gate(atp, gate):
+        served = atp(x)
+    with _gate(atp, CounterfactualGate.from_protected(meta["protected"])):  # no shift
         unshifted = atp(x)
-    finally:
-        atp.gate = gate
     assert torch.equal(served.patched, unshifted.patched) and served.patched.any()
     shift = torch.zeros(2) if gate.logit_shift is None else gate.logit_shift
     assert torch.equal(served.logits[~served.patched], unshifted.logits[~served.patched])
     assert torch.allclose(served.logits[served.patched], unshifted.logits[served.patched] + shift, atol=1e-6)
+
+
+def test_fit_prior_learns_a_protected_value_that_other_features_give_away():
+    """``P(a | x_o)``: where a categorical feature gives the protected value away (95 % of rows),
+    the softmax regression says so; the protected column itself is not read; the stored tensors
+    give back the same prior; a code outside a column's categories is an error."""
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    numeric = torch.randn(n, generator=g)
+    category = torch.randint(0, 3, (n,), generator=g)
+    protected = ((category == 2) ^ (torch.rand(n, generator=g) < 0.05)).long()
+    x = torch.stack([numeric, category.float(), protected.float()], 1)   # 1 numeric, cardinalities [3, 2]
+    combos = torch.tensor([[0.0], [1.0]])
+    prior = fit_prior(x, [2], combos, n_numeric=1, cardinalities=[3, 2])
+    assert prior.weight.shape == (2, 1 + 3)   # the numeric column and category's one-hot; not the protected one
+    p = prior.log_probs(x).exp()
+    assert torch.allclose(p.sum(1), torch.ones(n), atol=1e-5)
+    assert p[torch.arange(n), protected].mean() > 0.85
+    assert p[category == 2, 1].mean() > 0.9 and p[category != 2, 0].mean() > 0.9
+    swapped = x.clone()
+    swapped[:, 2] = 1 - swapped[:, 2]
+    assert torch.equal(prior.log_probs(swapped), prior.log_probs(x))   # twins get the same weights
+    again = ProtectedPrior.from_tensors(prior.to_tensors())
+    assert torch.equal(again.log_probs(x), prior.log_probs(x))
+    bad = x[:4].clone()
+    bad[0, 1] = 3.0
+    with pytest.raises(PriorError, match="0..2"):
+        prior.log_probs(bad)
+    with pytest.raises(PriorError, match="lacks bias"):
+        ProtectedPrior.from_tensors({k: v for k, v in prior.to_tensors().items() if k != "bias"})
+
+
+def test_counterfactual_average_is_the_law_of_total_probability_and_leaves_twins_alike(fair):
+    """With a prior, the gated rows are answered ``log Σ_k P(a_k | x_o) softmax(f(x with a_k))``
+    (checked here combination by combination), every other row keeps the bare logits bit for bit,
+    the protected tokens are reported flagged at every layer on exactly those rows, and UF is 0.
+    The prior fitted on training rows predicts the held-out rows' race and sex better than their
+    training shares do."""
+    version, model, atp, data = fair
+    meta = version.manifest["atpatch"]
+    gate = CounterfactualGate.from_protected(meta["protected"])
+    prior, held = fit_fairness_prior(model, gate, data.x_train, seed=0)
+    average = CounterfactualGate.from_protected(meta["protected"], prior=prior)
+    x = data.x_test[:600]
+    with _gate(atp, average):
+        out = atp(x)
+        net = PatchedModel(atp)
+        for name, p in meta["protected"].items():
+            assert unfairness(model, x, p["column"], p["values"]) > 0.02
+            assert unfairness(net, x, p["column"], p["values"]) == 0.0, name
+    dependent = gate.dependent_rows(model, x)
+    assert torch.equal(out.patched, dependent) and 0.05 < dependent.float().mean() < 0.6
+    weights = prior.log_probs(x).exp()
+    expected = torch.zeros(len(x), 2)
+    for k, combo in enumerate(gate.combos):
+        twin = x.clone()
+        twin[:, gate.columns] = combo
+        expected += weights[:, k:k + 1] * model(twin).softmax(-1)
+    assert torch.allclose(out.logits[dependent].exp(), expected[dependent], atol=1e-5)
+    assert torch.equal(out.logits[~dependent], model(x)[~dependent])
+    tokens = [p["token"] for p in meta["protected"].values()]
+    assert out.flagged[dependent][:, :, tokens].all()
+    assert out.flagged.sum() == dependent.sum() * len(meta["layers"]) * len(tokens)
+    # the prior is informative: held-out rows' own combination is likelier under it than by shares
+    truth = combination_index(data.x_train[held], gate.columns, gate.combos)
+    shares = torch.bincount(combination_index(data.x_train, gate.columns, gate.combos), minlength=len(gate.combos))
+    by_shares = (shares.float() / shares.sum()).log()[truth].mean()
+    assert prior.log_probs(data.x_train[held])[torch.arange(len(held)), truth].mean() > by_shares + 0.05
+
+
+def test_build_serves_the_counterfactual_average_and_records_the_masked_patch_beside_it(fair):
+    """``fairness_answer``: the version holds the prior and serves the average; the manifest
+    records both answers' accuracy on the gated training rows the prior was not fitted on (the
+    average's re-measured here with the prior refitted as the build fits it)."""
+    version, model, atp, data = fair
+    meta = version.manifest["atpatch"]
+    record = meta["fairness_answer"]
+    assert record["chosen"] == "counterfactual average" and version.has("protected_prior")
+    assert atp.gate.prior is not None and record["rows"] > 20
+    assert set(record["accuracy"]) == {"masked patch", "counterfactual average"}
+    gate = CounterfactualGate.from_protected(meta["protected"])
+    prior, held = fit_fairness_prior(model, gate, data.x_train, seed=version.manifest["provenance"]["seed"])
+    assert record["prior_fitted_on"] == len(data.x_train) - len(held)
+    assert torch.allclose(prior.weight, atp.gate.prior.weight, atol=1e-6)
+    out = atp(data.x_train[held])
+    right = out.logits[out.patched].argmax(-1) == data.y_train[held][out.patched]
+    assert int(out.patched.sum()) == record["rows"]
+    assert right.float().mean().item() == pytest.approx(record["accuracy"]["counterfactual average"], abs=1e-4)

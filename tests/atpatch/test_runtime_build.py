@@ -16,6 +16,7 @@ from repair.atpatch import benign as benign_io
 from repair.atpatch import cpu_kernel
 from repair.atpatch.debugging_set import DebugSet, patch_tokens
 from repair.atpatch.detector import Detector, DetectorError, logit_threshold, map_logits
+from repair.atpatch.protected_prior import ProtectedPrior
 from repair.atpatch.redistribution import redistribute
 from repair.atpatch.runtime import AtPatch, CounterfactualGate, TargetClassGate, row_gate
 from repair.atpatch.trigger_inversion import RESTARTS
@@ -383,7 +384,19 @@ def test_row_gate_comes_from_the_manifest():
     assert gate.logit_shift is None  # built before fairness builds fitted one, or none served
     gate = row_gate({"row_gate": "counterfactual", "protected": {"sex": {"column": 2, "values": [0.0, 1.0]}},
                      "logit_shift": {"shift": [0.0, 0.48], "rows": 488}})
-    assert gate.logit_shift.tolist() == pytest.approx([0.0, 0.48])
+    assert gate.logit_shift.tolist() == pytest.approx([0.0, 0.48]) and gate.prior is None
+    # a build that serves the counterfactual average needs its prior, and a prior needs such a build
+    average = {"row_gate": "counterfactual", "fairness_answer": {"chosen": "counterfactual average"},
+               "protected": {"sex": {"column": 2, "token": 3, "values": [0.0, 1.0]}}}
+    with pytest.raises(DetectorError, match="do not match"):
+        row_gate(average)
+    prior = ProtectedPrior(torch.zeros(2, 3), torch.zeros(2), [0], [1], [2])
+    gate = row_gate(average, prior)
+    assert gate.prior is prior and gate.tokens == [3]
+    with pytest.raises(DetectorError, match="do not match"):
+        row_gate(dict(average, fairness_answer={"chosen": "masked patch"}), prior)
+    with pytest.raises(DetectorError, match="combinations"):  # a prior over 3 combinations, 2 enumerated
+        row_gate(average, ProtectedPrior(torch.zeros(3, 3), torch.zeros(3), [0], [1], [2]))
     with pytest.raises(DetectorError, match="unknown row gate"):
         row_gate({"row_gate": "sometimes"})
 
