@@ -44,6 +44,9 @@ class ProtectedPrior:
                 or len(self.categorical) != len(self.cardinalities) or min(self.cardinalities, default=1) < 1:
             raise PriorError(f"protected prior: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not "
                              f"fit {len(self.numeric)} numeric and {len(self.categorical)} categorical features")
+        columns = self.numeric + self.categorical
+        if len(set(columns)) != len(columns) or min(columns, default=0) < 0:
+            raise PriorError(f"protected prior: feature columns must be distinct and non-negative, got {columns}")
 
     @property
     def n_combinations(self) -> int:

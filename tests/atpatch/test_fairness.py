@@ -223,6 +223,8 @@ def test_fit_prior_learns_a_protected_value_that_other_features_give_away():
     bad[0, 1] = 3.0
     with pytest.raises(PriorError, match="0..2"):
         prior.log_probs(bad)
+    with pytest.raises(PriorError, match="distinct"):
+        ProtectedPrior(prior.weight, prior.bias, [1], [1], [3])
     with pytest.raises(PriorError, match="lacks bias"):
         ProtectedPrior.from_tensors({k: v for k, v in prior.to_tensors().items() if k != "bias"})
 
