@@ -35,7 +35,7 @@ def shares_prior(gate: CounterfactualGate, like: ProtectedPrior, x_train: torch.
     (the average by shares, for comparison with ``P(a | x_o)``; not served)."""
     share = torch.bincount(combination_index(x_train, gate.columns, gate.combos), minlength=len(gate.combos))
     return ProtectedPrior(torch.zeros_like(like.weight), share.float().clamp(min=0.5).log(), like.numeric,
-                          like.categorical, like.cardinalities)
+                          like.categorical, like.cardinalities, gate.columns, gate.combos)
 
 
 def main():

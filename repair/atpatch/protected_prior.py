@@ -31,19 +31,23 @@ class PriorError(ValueError):
 
 
 class ProtectedPrior:
-    """``P(a | x_o)`` for the ``K`` combinations of protected values: ``weight`` (K, D), ``bias``
-    (K,), over the features ``D`` = the numeric ``numeric`` columns as they are plus one-hot
-    ``categorical`` columns of ``cardinalities`` categories (protected columns left out)."""
+    """``P(a | x_o)`` for the ``K`` combinations ``combos`` (K, P) of the protected ``columns``
+    (P,): ``weight`` (K, D), ``bias`` (K,), over the features ``D`` = the numeric ``numeric``
+    columns as they are plus one-hot ``categorical`` columns of ``cardinalities`` categories
+    (protected columns left out)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, numeric: list[int], categorical: list[int],
-                 cardinalities: list[int]):
+                 cardinalities: list[int], columns: list[int], combos: torch.Tensor):
         self.weight, self.bias = weight, bias
         self.numeric, self.categorical, self.cardinalities = list(numeric), list(categorical), list(cardinalities)
+        self.columns, self.combos = list(columns), combos.float()
         width = len(self.numeric) + sum(self.cardinalities)
         if weight.ndim != 2 or weight.shape[1] != width or bias.shape != (weight.shape[0],) \
-                or len(self.categorical) != len(self.cardinalities) or min(self.cardinalities, default=1) < 1:
-            raise PriorError(f"protected prior: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not "
-                             f"fit {len(self.numeric)} numeric and {len(self.categorical)} categorical features")
+                or len(self.categorical) != len(self.cardinalities) or min(self.cardinalities, default=1) < 1 \
+                or self.combos.shape != (weight.shape[0], len(self.columns)):
+            raise PriorError(f"protected prior: weight {tuple(weight.shape)}, bias {tuple(bias.shape)} and "
+                             f"combinations {tuple(self.combos.shape)} do not fit {len(self.numeric)} numeric and "
+                             f"{len(self.categorical)} categorical features and {len(self.columns)} protected ones")
         columns = self.numeric + self.categorical
         if len(set(columns)) != len(columns) or min(columns, default=0) < 0:
             raise PriorError(f"protected prior: feature columns must be distinct and non-negative, got {columns}")
@@ -51,6 +55,21 @@ class ProtectedPrior:
     @property
     def n_combinations(self) -> int:
         return self.weight.shape[0]
+
+    def aligned(self, columns: list[int], combos: torch.Tensor) -> "ProtectedPrior":
+        """The same prior with its combinations in the order of ``combos`` (K, P) over ``columns``.
+        Why: a gate enumerates the protected attributes in its manifest's order, which the
+        manifest's sorted keys may change from the build's (Adult race, sex, age → age, race, sex)."""
+        if sorted(columns) != sorted(self.columns) or len(combos) != self.n_combinations:
+            raise PriorError(f"the protected prior is over columns {self.columns} ({self.n_combinations} "
+                             f"combinations), the gate enumerates {list(columns)} ({len(combos)})")
+        mine = self.combos[:, [self.columns.index(c) for c in columns]]
+        match = (combos.float()[:, None, :] == mine[None]).all(-1)            # (K gate, K prior)
+        if not bool((match.sum(1) == 1).all()):
+            raise PriorError("the protected prior's combinations of values are not the gate's")
+        order = match.float().argmax(1)
+        return ProtectedPrior(self.weight[order], self.bias[order], self.numeric, self.categorical,
+                              self.cardinalities, list(columns), combos)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D): the encoded rows' other features as the regression reads them. Categorical
@@ -69,17 +88,20 @@ class ProtectedPrior:
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight.contiguous(), "bias": self.bias.contiguous(),
+                "columns": torch.tensor(self.columns, dtype=torch.int64), "combos": self.combos.contiguous(),
                 "numeric": torch.tensor(self.numeric, dtype=torch.int64),
                 "categorical": torch.tensor(self.categorical, dtype=torch.int64),
                 "cardinalities": torch.tensor(self.cardinalities, dtype=torch.int64)}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "ProtectedPrior":
-        missing = sorted({"weight", "bias", "numeric", "categorical", "cardinalities"} - set(tensors))
+        missing = sorted({"weight", "bias", "numeric", "categorical", "cardinalities", "columns", "combos"}
+                         - set(tensors))
         if missing:
             raise PriorError(f"protected_prior.safetensors lacks {', '.join(missing)}")
         return cls(tensors["weight"].float(), tensors["bias"].float(), tensors["numeric"].tolist(),
-                   tensors["categorical"].tolist(), tensors["cardinalities"].tolist())
+                   tensors["categorical"].tolist(), tensors["cardinalities"].tolist(), tensors["columns"].tolist(),
+                   tensors["combos"])
 
 
 def combination_index(x: torch.Tensor, columns: list[int], combos: torch.Tensor) -> torch.Tensor:
@@ -98,7 +120,7 @@ def fit_prior(x: torch.Tensor, columns: list[int], combos: torch.Tensor, n_numer
     k = len(combos)
     width = len(numeric) + sum(n for _, n in categorical)
     prior = ProtectedPrior(torch.zeros(k, width), torch.zeros(k), numeric, [c for c, _ in categorical],
-                           [n for _, n in categorical])
+                           [n for _, n in categorical], columns, combos)
     features, target = prior.features(x), combination_index(x, columns, combos)
     weight = torch.zeros(k, width, requires_grad=True)
     # start at the combinations' training shares (all of them seen at least once, else a tiny floor)
@@ -114,4 +136,5 @@ def fit_prior(x: torch.Tensor, columns: list[int], combos: torch.Tensor, n_numer
 
     with torch.enable_grad():
         opt.step(loss)
-    return ProtectedPrior(weight.detach(), bias.detach(), prior.numeric, prior.categorical, prior.cardinalities)
+    return ProtectedPrior(weight.detach(), bias.detach(), prior.numeric, prior.categorical, prior.cardinalities,
+                          columns, combos)

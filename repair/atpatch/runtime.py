@@ -134,12 +134,10 @@ class CounterfactualGate:
         self.combos = torch.tensor(list(itertools.product(*values)), dtype=torch.float32)
         # (classes,) added to the logits of every patched row (``patched_answer``), or None
         self.logit_shift = None if logit_shift is None else torch.tensor(logit_shift, dtype=torch.float32)
-        # P(combination | other features): the gated rows get the counterfactual average instead
-        self.prior = prior
+        # P(combination | other features), in this gate's order of combinations: the gated rows
+        # get the counterfactual average instead
+        self.prior = None if prior is None else prior.aligned(self.columns, self.combos)
         self.tokens = list(tokens)     # the protected tokens: flagged where the average answers
-        if prior is not None and prior.n_combinations != len(self.combos):
-            raise DetectorError(f"the protected prior is over {prior.n_combinations} combinations of protected "
-                                f"values, the gate enumerates {len(self.combos)}")
 
     @classmethod
     def from_protected(cls, protected: dict, logit_shift: list[float] | None = None,

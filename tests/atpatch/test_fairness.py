@@ -2,6 +2,7 @@
 the variant it chooses, and unfairness with the patch on."""
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 
 import pytest
@@ -224,9 +225,26 @@ def test_fit_prior_learns_a_protected_value_that_other_features_give_away():
     with pytest.raises(PriorError, match="0..2"):
         prior.log_probs(bad)
     with pytest.raises(PriorError, match="distinct"):
-        ProtectedPrior(prior.weight, prior.bias, [1], [1], [3])
+        ProtectedPrior(prior.weight, prior.bias, [1], [1], [3], [2], combos)
     with pytest.raises(PriorError, match="lacks bias"):
         ProtectedPrior.from_tensors({k: v for k, v in prior.to_tensors().items() if k != "bias"})
+
+
+def test_prior_follows_the_gates_order_of_protected_attributes():
+    """A build enumerates race, sex, age in the order given; its manifest (sorted keys) gives the
+    gate age, race, sex. The gate reorders the prior's combinations to its own, so each weight still
+    belongs to its combination of values; a prior over other values is refused."""
+    weight, bias = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), torch.arange(6.0)
+    built = torch.tensor(list(itertools.product([0.0, 1.0, 2.0], [0.0, 1.0])))   # columns [5, 7]
+    prior = ProtectedPrior(weight, bias, [0], [1], [3], [5, 7], built)
+    gate = CounterfactualGate([7, 5], [[0.0, 1.0], [0.0, 1.0, 2.0]], prior=prior)   # columns [7, 5]
+    for k, (v7, v5) in enumerate(gate.combos.tolist()):
+        j = built.tolist().index([v5, v7])
+        assert torch.equal(gate.prior.weight[k], weight[j]) and gate.prior.bias[k] == bias[j]
+    with pytest.raises(PriorError, match="not the gate's"):
+        CounterfactualGate([7, 5], [[0.0, 1.0], [0.0, 1.0, 3.0]], prior=prior)
+    with pytest.raises(PriorError, match="gate enumerates"):
+        CounterfactualGate([7, 6], [[0.0, 1.0], [0.0, 1.0, 2.0]], prior=prior)
 
 
 def test_counterfactual_average_is_the_law_of_total_probability_and_leaves_twins_alike(fair):

@@ -16,7 +16,7 @@ from repair.atpatch import benign as benign_io
 from repair.atpatch import cpu_kernel
 from repair.atpatch.debugging_set import DebugSet, patch_tokens
 from repair.atpatch.detector import Detector, DetectorError, logit_threshold, map_logits
-from repair.atpatch.protected_prior import ProtectedPrior
+from repair.atpatch.protected_prior import PriorError, ProtectedPrior
 from repair.atpatch.redistribution import redistribute
 from repair.atpatch.runtime import AtPatch, CounterfactualGate, TargetClassGate, row_gate
 from repair.atpatch.trigger_inversion import RESTARTS
@@ -390,13 +390,14 @@ def test_row_gate_comes_from_the_manifest():
                "protected": {"sex": {"column": 2, "token": 3, "values": [0.0, 1.0]}}}
     with pytest.raises(DetectorError, match="do not match"):
         row_gate(average)
-    prior = ProtectedPrior(torch.zeros(2, 3), torch.zeros(2), [0], [1], [2])
+    prior = ProtectedPrior(torch.zeros(2, 3), torch.zeros(2), [0], [1], [2], [2], torch.tensor([[0.0], [1.0]]))
     gate = row_gate(average, prior)
-    assert gate.prior is prior and gate.tokens == [3]
+    assert torch.equal(gate.prior.weight, prior.weight) and gate.tokens == [3]
     with pytest.raises(DetectorError, match="do not match"):
         row_gate(dict(average, fairness_answer={"chosen": "masked patch"}), prior)
-    with pytest.raises(DetectorError, match="combinations"):  # a prior over 3 combinations, 2 enumerated
-        row_gate(average, ProtectedPrior(torch.zeros(3, 3), torch.zeros(3), [0], [1], [2]))
+    with pytest.raises(PriorError, match="gate enumerates"):  # a prior over 3 combinations, 2 enumerated
+        row_gate(average, ProtectedPrior(torch.zeros(3, 3), torch.zeros(3), [0], [1], [2], [2],
+                                         torch.tensor([[0.0], [1.0], [2.0]])))
     with pytest.raises(DetectorError, match="unknown row gate"):
         row_gate({"row_gate": "sometimes"})
 
