@@ -340,8 +340,9 @@ MIN_SHIFT_ROWS = 50
 
 @torch.no_grad()
 def fit_logit_shift(patch: AtPatch, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> dict:
-    """The per-class logit shift a fairness build serves on the rows it patches
-    (``CounterfactualGate.patched_answer``, which says why): over the training rows ``x`` that
+    """The per-class logit shift of a fairness build's masked patch on the rows it patches
+    (``CounterfactualGate.patched_answer``, which says why; served by builds before session 35,
+    measured beside the counterfactual average since, ``fairness_answer``): over the training rows ``x`` that
     ``patch`` (the served, gated patch, without a shift) patches, the shift minimising the
     cross-entropy of their patched logits plus it. Convex in its ``C`` numbers; class 0's is held
     at 0 (softmax ignores a common shift). Served only where it makes those rows' answers more
@@ -435,7 +436,7 @@ def fairness_answer(patch: AtPatch, protected: dict, x: torch.Tensor, y: torch.T
         patch.remove()
     right = {name: torch.cat(r) for name, r in right.items()}
     n = len(right[FAIRNESS_ANSWERS[1]])
-    record = {"chosen": FAIRNESS_ANSWERS[1], "reason": "the fairness answer (fairness_answer)",
+    record = {"chosen": FAIRNESS_ANSWERS[1], "reason": "every fairness build serves it (fairness_answer says why)",
               "accuracy": {name: round(r.float().mean().item(), 4) if n else None for name, r in right.items()},
               "rows": n, "measured_on": f"the gated rows among {len(compare_rows)} training rows the prior "
                                         "was not fitted on", "prior_fitted_on": len(x) - len(compare_rows)}
