@@ -14,10 +14,13 @@ probabilities), never a different label or flagged column set beyond that roundi
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+log = logging.getLogger("repair.server")
 
 
 @dataclass
@@ -39,7 +42,7 @@ class Timing:
 class MicroBatcher:
     def __init__(self, runner: Callable[[Any, str, Any], Any], max_batch_size: int = 32,
                  max_wait_ms: float = 0.0, on_batch: Callable[[int], None] | None = None,
-                 inline: bool = False):
+                 inline: bool = False, on_idle: Callable[[], Any] | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max batch size must be ≥ 1, got {max_batch_size}")
         if max_wait_ms < 0:
@@ -48,6 +51,10 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch
+        # on_idle: upkeep on the model thread once a batch's responses are out and nothing
+        # waits (the server refreshes its plain forward timings); a request arriving meanwhile
+        # waits for it.
+        self.on_idle = on_idle
         # inline: run the model on the event-loop thread. On a CPU that saves two thread
         # hand-offs per batch (each a scheduler wake-up); requests arriving meanwhile wait in
         # the socket buffers and form the next batch. On a GPU the loop should not block.
@@ -113,6 +120,21 @@ class MicroBatcher:
                 groups.setdefault((id(item.served), item.mode), []).append(item)
             for group in groups.values():
                 await self._run(group)
+            await self._idle()
+
+    async def _idle(self) -> None:
+        if self.on_idle is None or self._carry is not None or not self._queue.empty():
+            return
+        await asyncio.sleep(0)  # the batch's handlers write their responses first
+        if not self._queue.empty():
+            return
+        try:
+            if self.inline:
+                self.on_idle()
+            else:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.on_idle)
+        except Exception as err:  # noqa: BLE001 - upkeep must never stop the batcher
+            log.warning("idle upkeep failed: %s", err)
 
     async def _run(self, group: list[_Item]) -> None:
         import torch

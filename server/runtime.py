@@ -13,7 +13,7 @@ import logging
 import statistics
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,53 @@ class BatchResult:
         return [[layer, token] for layer, token in self.flagged[i].nonzero().tolist()]
 
 
+# The plain forward time per batch-size bucket, the reference of "added latency": the median of
+# its last PLAIN_SAMPLES timings (the warm-up's, shadow requests' plain passes, and refreshes).
+# Why refreshed: a server that answers with the patch on (the default) never runs a plain pass,
+# so the warm-up's timings stood for its whole life, and one warm-up on a busy machine (several
+# replicas starting at once) read 54 ms for a 0.6 ms forward: every added latency of that
+# COMPAS server was reported as 0 until it restarted (session 36). So once a bucket that
+# patched requests use has no timing newer than PLAIN_REFRESH_SECONDS, the batcher, when idle,
+# times one plain pass of it (``Served.refresh_plain``).
+PLAIN_SAMPLES = 5
+PLAIN_REFRESH_SECONDS = 30.0
+
+
+class PlainTimes:
+    """Plain forward seconds per bucket: recent timings, when the newest was taken, and which
+    buckets patched passes use (only those are worth refreshing)."""
+
+    def __init__(self):
+        self._samples: dict[int, deque] = {}
+        self._taken: dict[int, float] = {}
+        self._used: set[int] = set()
+
+    def observe(self, n: int, seconds: float, now: float | None = None) -> None:
+        b = bucket(n)
+        self._samples.setdefault(b, deque(maxlen=PLAIN_SAMPLES)).append(seconds)
+        self._taken[b] = time.monotonic() if now is None else now
+
+    def used(self, n: int) -> None:
+        self._used.add(bucket(n))
+
+    def estimate(self, n: int) -> float:
+        """The bucket's median; an unmeasured bucket borrows the largest measured one's (0 when
+        none is: a version loaded cold reports the whole patched pass as added)."""
+        b = bucket(n)
+        if b not in self._samples:
+            if not self._samples:
+                return 0.0
+            b = max(self._samples)
+        return statistics.median(self._samples[b])
+
+    def stalest(self, now: float | None = None) -> int | None:
+        """The used bucket whose newest timing is oldest, if older than PLAIN_REFRESH_SECONDS."""
+        now = time.monotonic() if now is None else now
+        age = {b: now - self._taken.get(b, float("-inf")) for b in self._used}
+        b = max(age, key=age.get, default=None)
+        return b if b is not None and age[b] > PLAIN_REFRESH_SECONDS else None
+
+
 class Served:
     """One loaded version: its model on the device, its AtPatch hooks, its preprocessing."""
 
@@ -81,8 +128,7 @@ class Served:
 
             self.patcher = AtPatch.from_version(version, self.model)
         self._graphed = self._graph_forwards(max_batch_size) if cuda_graphs else {}
-        # Plain forward time per batch-size bucket: the reference for "added latency".
-        self._plain_seconds: dict[int, float] = {}
+        self.plain_times = PlainTimes()
         self.warm = warmup
         if warmup:
             self.warm_up(max_batch_size)
@@ -193,29 +239,29 @@ class Served:
         x = x.to(self.device, non_blocking=True)
         if self.patcher is None or mode == "off":
             result, seconds = self._pass(x, "off")
-            self._observe_plain(len(x), seconds)
+            self.plain_times.observe(len(x), seconds)
             return result
         patched, on_seconds = self._pass(x, "on")
         if mode == "on":
-            patched.added_seconds = max(0.0, on_seconds - self._plain(len(x)))
+            self.plain_times.used(len(x))
+            patched.added_seconds = max(0.0, on_seconds - self.plain_times.estimate(len(x)))
             return patched
         plain, off_seconds = self._pass(x, "off")
-        self._observe_plain(len(x), off_seconds)
+        self.plain_times.observe(len(x), off_seconds)
         plain.added_seconds = max(0.0, on_seconds - off_seconds)
         plain.shadow = patched
         return plain
 
-    def _observe_plain(self, n: int, seconds: float) -> None:
-        b = bucket(n)
-        old = self._plain_seconds.get(b)
-        self._plain_seconds[b] = seconds if old is None else 0.9 * old + 0.1 * seconds
-
-    def _plain(self, n: int) -> float:
-        b = bucket(n)
-        if b in self._plain_seconds:
-            return self._plain_seconds[b]
-        known = sorted(self._plain_seconds)
-        return self._plain_seconds[known[-1]] if known else 0.0
+    def refresh_plain(self, now: float | None = None) -> int | None:
+        """Time one plain pass of the stalest bucket patched passes use (``PlainTimes``); the
+        bucket refreshed, or None when every one is recent. On a synthetic batch: a plain
+        forward's time does not depend on the values."""
+        b = self.plain_times.stalest(now)
+        if b is None:
+            return None
+        _, seconds = self._pass(self.example(b).to(self.device), "off")
+        self.plain_times.observe(b, seconds, now)
+        return b
 
     def example(self, n: int) -> torch.Tensor:
         if self.kind == "vision":
@@ -232,8 +278,8 @@ class Served:
             x = self.example(n).to(self.device)
             for mode in (("on", "off") if self.patcher else ("off",)):
                 self._pass(x, mode)
-            times = [self._pass(x, "off")[1] for _ in range(3)]
-            self._plain_seconds[n] = statistics.median(times)
+            for _ in range(3):
+                self.plain_times.observe(n, self._pass(x, "off")[1])
 
     def close(self) -> None:
         if self.patcher is not None:

@@ -59,7 +59,8 @@ class Service:
                                     settings.poll_interval, on_swap=self._on_swap)
         self.batcher = MicroBatcher(self._run, settings.max_batch_size, settings.max_wait_ms,
                                     on_batch=self.metrics.batch_size.observe,
-                                    inline=self.runtime.device.type == "cpu")
+                                    inline=self.runtime.device.type == "cpu",
+                                    on_idle=self._refresh_plain_times)
 
     def _on_swap(self, version: str, previous: str | None) -> None:
         self.metrics.served(version, previous)
@@ -68,6 +69,11 @@ class Service:
     @staticmethod
     def _run(served: Served, mode: str, x: torch.Tensor) -> BatchResult:
         return served.forward(x, mode)
+
+    def _refresh_plain_times(self) -> None:
+        served = self.runtime.served
+        if served is not None:
+            served.refresh_plain()
 
     # -- guards --------------------------------------------------------------------------------
 

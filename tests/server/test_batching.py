@@ -177,3 +177,60 @@ def test_a_version_loaded_on_request_is_loaded_warm_once_it_becomes_current(tmp_
     bundle.activate(first)
     assert runtime.refresh()
     assert runtime.served.id == first and runtime.served.warm and runtime.served is not cold
+
+
+def test_idle_upkeep_runs_once_the_queue_is_empty_and_its_failure_stops_nothing():
+    events = []
+
+    def runner(served, mode, x):
+        events.append(("run", len(x)))
+        return Rows(x)
+
+    def on_idle():
+        events.append("idle")
+        raise RuntimeError("upkeep broke")
+
+    async def main():
+        b = MicroBatcher(runner, max_batch_size=2, on_idle=on_idle)
+        await b.start()
+        # queued together: two batches back to back, then one idle call
+        await asyncio.gather(*(b.submit("m", "on", torch.zeros(1, 1)) for _ in range(3)))
+        rows, _ = await b.submit("m", "on", torch.ones(1, 1))  # the failed upkeep left it running
+        await asyncio.sleep(0.05)  # idle again
+        await b.submit("m", "on", torch.ones(1, 1))
+        await b.stop()  # queued at once: the stop, not idleness, follows this batch
+        return rows
+
+    rows = run(main())
+    assert events == [("run", 2), ("run", 1), "idle", ("run", 1), "idle", ("run", 1)]
+    assert torch.equal(rows.t, torch.ones(1, 1))
+
+
+def test_plain_times_forget_a_bad_warm_up_once_refreshed(tmp_path):
+    """The reference of "added latency": warm-up timings taken on a busy machine (planted here as
+    10 s) are outvoted by idle refreshes of the buckets patched requests use, and only those."""
+    from repair.bundle import Bundle, state_dict_for_saving
+    from repair.models import build_model
+    from server.runtime import PLAIN_REFRESH_SECONDS, PLAIN_SAMPLES, Served
+
+    spec = {"arch": "vit", "img_size": 16, "in_chans": 1, "num_classes": 10, "patch_size": 4,
+            "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}
+    v = Bundle(tmp_path / "b").write_version(
+        {"kind": "vision", "architecture": spec, "labels": [str(i) for i in range(10)],
+         "preprocessing": {"kind": "image", "channels": 1, "height": 16, "width": 16}},
+        {"model": state_dict_for_saving(build_model(spec))})
+    served = Served(v, torch.device("cpu"), max_batch_size=4, warmup=False)
+    times = served.plain_times
+    for n in (1, 4):
+        for _ in range(3):
+            times.observe(n, 10.0, now=0.0)
+    assert times.estimate(1) == 10.0 and times.estimate(3) == 10.0  # 3 rides in bucket 4
+    assert served.refresh_plain(now=1e6) is None  # no patched request has used a bucket yet
+    times.used(1)
+    assert times.stalest(now=PLAIN_REFRESH_SECONDS) is None  # still recent
+    refreshed = [served.refresh_plain(now=1e6 + i * (PLAIN_REFRESH_SECONDS + 1)) for i in range(3)]
+    assert refreshed == [1, 1, 1]
+    assert served.refresh_plain(now=1e6 + 2 * (PLAIN_REFRESH_SECONDS + 1)) is None  # just refreshed
+    assert 0 < times.estimate(1) < 1.0  # three fresh timings of five outvote the warm-up's
+    assert times.estimate(4) == 10.0  # unused bucket left alone
+    assert len(times._samples[1]) == PLAIN_SAMPLES
