@@ -151,7 +151,8 @@ def predictions(served: Served, result: BatchResult) -> list[dict]:
     patched = result.patched.tolist()
     shadow = result.shadow
     if shadow is not None:
-        s_best, s_rows, s_patched = shadow.probabilities.argmax(-1).tolist(), shadow.probabilities.tolist(), shadow.patched.tolist()
+        s_best, s_rows = shadow.probabilities.argmax(-1).tolist(), shadow.probabilities.tolist()
+        s_patched = shadow.patched.tolist()
     out = []
     for i, k in enumerate(best):
         item = {"label": served.labels[k] if k < len(served.labels) else str(k), "class_index": k,
