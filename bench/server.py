@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = "bundle: the digits ViT BadNets model with the seed-0 detector of `python bench/atpatch_vision.py` (50 epochs)"
+RECIPE = "bundle: a digits ViT BadNets model with an AtPatch detector (`python bench/atpatch_vision.py`, 50 epochs)"
 sys.path.insert(0, str(ROOT))
 
 from machine import cpu_name  # noqa: E402  (bench/, this script's directory)
@@ -187,6 +187,7 @@ def main() -> None:
     results = {"command": " ".join([".venv/bin/python", "bench/server.py", *sys.argv[1:]]),
                "bundle_version": version.id, "device": a.device, "threads": a.threads,
                "atpatch": {k: version.manifest.get("atpatch", {}).get(k) for k in ("row_gate", "layers", "layer_thresholds")},
+               "build_seed": version.manifest.get("provenance", {}).get("seed"),
                "seconds_per_point": a.seconds, "rounds_c1": a.rounds,
                "cpu": cpu_name(), "cores": os.cpu_count(),
                "load_average_before": os.getloadavg(), "bare": {}, "paced": {}, "server": {}, "minimal": {}}
@@ -298,7 +299,8 @@ def wait_until_answering(proc: subprocess.Popen, log, url: str, body: bytes | No
 
 def write_markdown(r: dict, path: Path) -> None:
     lines = [f"# Server benchmark ({r['device']}, {r['threads']} torch thread(s), {r['cores']} cores shared, {r['cpu']})", "",
-             f"Command: `{r['command']}`; {RECIPE}: row gate {r['atpatch']['row_gate']}, layers "
+             f"Command: `{r['command']}`; {RECIPE}, build seed {r.get('build_seed')}: "
+             f"row gate {r['atpatch']['row_gate']}, layers "
              f"{r['atpatch']['layers']}, τ per layer {r['atpatch']['layer_thresholds']}.", "",
              f"Load average before/after (other jobs on the machine): {r['load_average_before']} / {r['load_average_after']}", "",
              "| configuration | p50 ms | p99 ms | throughput req/s | errors |", "| --- | ---: | ---: | ---: | ---: |"]
