@@ -55,11 +55,12 @@ class BatchResult:
 # The plain forward time per batch-size bucket, the reference of "added latency": the median of
 # its last PLAIN_SAMPLES timings (the warm-up's, shadow requests' plain passes, and refreshes).
 # Why refreshed: a server that answers with the patch on (the default) never runs a plain pass,
-# so the warm-up's timings stood for its whole life, and one warm-up on a busy machine (several
-# replicas starting at once) read 54 ms for a 0.6 ms forward: every added latency of that
-# COMPAS server was reported as 0 until it restarted (session 36). So once a bucket that
-# patched requests use has no timing newer than PLAIN_REFRESH_SECONDS, the batcher, when idle,
-# times one plain pass of it (``Served.refresh_plain``).
+# so the warm-up's timings stood for its whole life. A warm-up on a busy machine (several
+# replicas starting at once; here, beside a benchmark) reads far too long: one read 54 ms for a
+# 0.6 ms forward, and a COMPAS server started then reported every added latency as 0 until it
+# restarted (session 36). So once a bucket that patched requests use has no timing newer than
+# PLAIN_REFRESH_SECONDS, the batcher, when idle, times one plain pass of it
+# (``Served.refresh_plain``).
 PLAIN_SAMPLES = 5
 PLAIN_REFRESH_SECONDS = 30.0
 
