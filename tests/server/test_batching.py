@@ -234,3 +234,20 @@ def test_plain_times_forget_a_bad_warm_up_once_refreshed(tmp_path):
     assert 0 < times.estimate(1) < 1.0  # three fresh timings of five outvote the warm-up's
     assert times.estimate(4) == 10.0  # unused bucket left alone
     assert len(times._samples[1]) == PLAIN_SAMPLES
+
+
+def test_patched_requests_mark_their_bucket_for_refresh_and_plain_ones_refresh_it(atpatch_bundle, digits_data):
+    """The wiring on a served AtPatch version: a patched batch marks its bucket as one to keep
+    timed; a plain (``off``) batch of that size is itself a fresh timing."""
+    from repair.bundle import Bundle
+    from repair.cuda_graphs import bucket
+    from server.runtime import Served
+
+    served = Served(Bundle(atpatch_bundle).version(), torch.device("cpu"), max_batch_size=8, warmup=False)
+    x = digits_data.x_test[:3]
+    assert served.plain_times.stalest(now=1e9) is None
+    served.forward(x, "on")
+    assert served.plain_times.stalest(now=1e9) == bucket(3) == 4
+    served.forward(x, "off")
+    assert served.plain_times.stalest() is None  # just timed by the plain batch
+    assert served.refresh_plain(now=1e9) == 4
